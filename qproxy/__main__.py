@@ -1,0 +1,5 @@
+import sys
+
+from qproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,275 @@
+"""The ``qproxy`` command. Every subcommand reads the same ``QPROXY_*`` environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from qproxy import __version__
+from qproxy.config import Config
+from qproxy.errors import QProxyError
+
+EPILOG = """\
+configuration comes from QPROXY_* environment variables (and QPROXY_CONFIG, a TOML file):
+QPROXY_LOCAL_ROOT, QPROXY_REDIS_URL, QPROXY_BROKER_URL, QPROXY_S3_BUCKET,
+QPROXY_S3_ENDPOINT_URL, QPROXY_S3_REGION, QPROXY_S3_PREFIX, QPROXY_PUBLIC_PATH,
+QPROXY_REDIRECT, QPROXY_REMOTE_BASE_URL, QPROXY_SECRET, QPROXY_NODE_ID, QPROXY_NODE_URL,
+QPROXY_KEEP_LOCAL_SECONDS, QPROXY_MAX_UPLOAD_BYTES. See README.md for the full table.
+"""
+
+
+def _config() -> Config:
+    return Config.from_env()
+
+
+def cmd_resolver(args: argparse.Namespace, extra: list[str]) -> int:
+    import uvicorn
+
+    if args.standalone:
+        os.environ["QPROXY_STANDALONE"] = "1"
+    _config()  # fail here, loudly, rather than in every worker
+    uvicorn.run(
+        "qproxy.resolver:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        proxy_headers=False,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.tasks import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_worker(_config(), extra)
+    return 0
+
+
+def _fmt_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else "-"
+
+
+def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.keys import validate_key
+    from qproxy.node import Node
+
+    key = validate_key(args.key)
+    record = Node(_config()).state.get(key)
+    if record is None:
+        if args.json:
+            print(json.dumps({"key": key, "state": None, "error": "not found"}))
+        else:
+            print(f"qproxy: no record for {key}", file=sys.stderr)
+        return 1
+    data = record.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    for name in (
+        "key",
+        "state",
+        "size",
+        "sha256",
+        "filename",
+        "content_type",
+        "node",
+        "attempts",
+        "error",
+    ):
+        if data[name] not in ("", None):
+            print(f"{name:13} {data[name]}")
+    for name in ("created", "updated", "remote_at"):
+        if data[name]:
+            print(f"{name:13} {_fmt_time(data[name])}")
+    print(f"{'local copy':13} {'yes' if record.has_local else 'no'}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.node import Node
+    from qproxy.state import STATES
+
+    node = Node(_config())
+    states = [args.state] if args.state else list(STATES)
+    rows = []
+    for state in states:
+        for key in node.state.keys_in_state(state, limit=args.limit):
+            record = node.state.get(key)
+            if record is not None:
+                rows.append(record.as_dict())
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        for row in rows:
+            print(f"{row['state']:12} {row['size']:>12} {row['key']}")
+    return 0
+
+
+def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.intercept import clean_content_type, clean_filename
+    from qproxy.keys import generate_key, validate_key
+    from qproxy.node import Node
+
+    node = Node(_config())
+    filename = clean_filename(os.path.basename(args.file))
+    key = validate_key(args.key) if args.key else generate_key(filename)
+    node.local.ensure()
+    temp = node.local.create_temp()
+    try:
+        with open(args.file, "rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                temp.write(chunk)
+        temp.close()
+    except BaseException:
+        temp.discard()
+        raise
+    node.commit(
+        temp, key, {"filename": filename, "content_type": clean_content_type(None, filename)}
+    )
+    print(key)
+    return 0
+
+
+def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.nginxconf import NginxOptions, full_config, server_block
+
+    config = _config()
+    options = NginxOptions(listen=args.listen, app=args.app, resolver=args.resolver, mode=args.mode)
+    print(full_config(config, options) if args.full else server_block(config, options), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.demo import run_demo
+
+    use_nginx = False if args.no_nginx else None
+    return run_demo(once=args.once, use_nginx=use_nginx, mode=args.mode)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qproxy",
+        description="Accept big uploads at local-disk speed, move them to S3 in the background, "
+        "serve them from wherever they are.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description or help,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = add("resolver", "run the resolver (the Starlette app nginx asks where each file is)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8300, help="port to listen on (default: 8300)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help="without nginx: send local files itself under QPROXY_PUBLIC_PATH",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_resolver)
+
+    p = add(
+        "worker",
+        "run a Celery worker that moves files to S3",
+        "Run a Celery worker on qproxy's queue. Arguments qproxy does not know are passed to "
+        "Celery's worker, e.g. `qproxy worker --concurrency 8`.",
+    )
+    p.set_defaults(func=cmd_worker, passthrough=True)
+
+    p = add("status", "show one file's record (its state among the fields)")
+    p.add_argument("key", help="the file's key")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = add("ls", "list files by state")
+    p.add_argument(
+        "--state",
+        choices=["pending", "local", "queued", "transferring", "remote", "failed", "deleted"],
+    )
+    p.add_argument(
+        "--limit", type=int, default=1000, help="at most this many per state (default: 1000)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+    p = add("put", "store a local file as an upload would (prints its key)")
+    p.add_argument("file", help="path of the file to store")
+    p.add_argument("--key", help="use this key instead of a generated one")
+    p.set_defaults(func=cmd_put)
+
+    p = add(
+        "nginx-config",
+        "print nginx configuration for this node",
+        "Print the upstream and server blocks for this node (include them in nginx's http "
+        "block), or with --full a complete nginx.conf that runs as `nginx -p DIR -c FILE`.",
+    )
+    p.add_argument("--full", action="store_true", help="a complete, standalone nginx.conf")
+    p.add_argument(
+        "--mode",
+        choices=["x-accel", "auth_request"],
+        default="x-accel",
+        help="how nginx asks the resolver (default: x-accel)",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        help="HOST:PORT nginx listens on (default: 127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--app",
+        default="http://127.0.0.1:8000",
+        help="URL of the app (default: http://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--resolver",
+        default="http://127.0.0.1:8300",
+        help="URL of the resolver (default: http://127.0.0.1:8300)",
+    )
+    p.set_defaults(func=cmd_nginx_config)
+
+    p = add("demo", "start the whole stack locally and show a file going local -> remote")
+    p.add_argument("--once", action="store_true", help="do one round trip and exit (0 on success)")
+    p.add_argument("--no-nginx", action="store_true", help="use the resolver's standalone mode")
+    p.add_argument("--mode", choices=["x-accel", "auth_request"], default="x-accel")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args, extra))
+    except QProxyError as exc:
+        print(f"qproxy: {exc.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

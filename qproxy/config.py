@@ -1,0 +1,152 @@
+"""One immutable ``Config``, built from ``QPROXY_*`` variables (and optionally a TOML file).
+
+Everything inside qproxy takes plain values from a ``Config``; the environment is read here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qproxy.errors import ConfigError
+
+RedirectMode = Literal["presigned", "public"]
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def _default_local_root() -> str:
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/qproxy/files"
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data_home, "qproxy", "files")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Settings of one qproxy node. Build with ``Config.from_env()`` or keyword arguments."""
+
+    local_root: str = field(default_factory=_default_local_root)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = ""  # empty: the Redis URL
+    s3_bucket: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_prefix: str = ""
+    public_path: str = "/media/"
+    redirect: RedirectMode = "presigned"
+    remote_base_url: str | None = None
+    secret: str = ""
+    node_id: str = field(default_factory=socket.gethostname)
+    node_url: str = "http://127.0.0.1:8300"
+    keep_local_seconds: float = 3600.0
+    max_upload_bytes: int = 10 * GiB
+    max_parts: int = 100
+    max_form_memory: int = MiB
+    presign_expires: int = 3600
+    multipart_threshold: int = 16 * MiB
+    multipart_chunk: int = 8 * MiB
+    transfer_concurrency: int = 4
+    transfer_retries: int = 8
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 600.0
+    lease_seconds: float = 900.0
+    visibility_timeout: int = 3600
+    janitor_interval: float = 10.0
+    drop_grace_seconds: float = 5.0
+    standalone: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.public_path.startswith("/") or not self.public_path.endswith("/"):
+            raise ConfigError(
+                f"QPROXY_PUBLIC_PATH must start and end with '/', got {self.public_path!r}"
+            )
+        if self.redirect not in ("presigned", "public"):
+            raise ConfigError(
+                f"QPROXY_REDIRECT must be 'presigned' or 'public', got {self.redirect!r}"
+            )
+        if self.redirect == "public" and not self.remote_base_url:
+            raise ConfigError("QPROXY_REDIRECT=public needs QPROXY_REMOTE_BASE_URL")
+        if self.max_upload_bytes <= 0:
+            raise ConfigError("QPROXY_MAX_UPLOAD_BYTES must be positive")
+        if self.keep_local_seconds < 0:
+            raise ConfigError("QPROXY_KEEP_LOCAL_SECONDS must be 0 or more")
+        if self.s3_prefix and (self.s3_prefix.startswith("/") or ".." in self.s3_prefix):
+            raise ConfigError("QPROXY_S3_PREFIX must be relative and must not contain '..'")
+        # Backoff is capped below the broker's visibility timeout: a Celery countdown longer
+        # than it makes the Redis transport redeliver the task while it still waits.
+        if self.retry_backoff_max >= self.visibility_timeout:
+            raise ConfigError("QPROXY_RETRY_BACKOFF_MAX must stay below QPROXY_VISIBILITY_TIMEOUT")
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def local_path(self) -> Path:
+        return Path(self.local_root)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Read ``QPROXY_*`` variables; ``QPROXY_CONFIG`` names a TOML file read first."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        toml_path = env.get("QPROXY_CONFIG")
+        if toml_path:
+            try:
+                with open(toml_path, "rb") as fh:
+                    data = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"QPROXY_CONFIG={toml_path}: {exc}") from exc
+            section = data.get("qproxy", data)
+            for name, value in section.items():
+                if name not in _FIELDS:
+                    raise ConfigError(f"{toml_path}: unknown setting {name!r}")
+                values[name] = _convert(name, value)
+        for name in _FIELDS:
+            raw = env.get("QPROXY_" + name.upper())
+            if raw is not None and raw != "":
+                values[name] = _convert(name, raw)
+        return cls(**values)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as a dict, the secret masked (for ``qproxy doctor`` and logs)."""
+        out = dataclasses.asdict(self)
+        if out["secret"]:
+            out["secret"] = "***"
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+    except ValueError as exc:
+        raise ConfigError(f"QPROXY_{name.upper()}: {exc}") from exc
+    return str(value)

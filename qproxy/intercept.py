@@ -1,0 +1,235 @@
+"""The sans-IO heart of the middlewares: rewrite a multipart/form-data body.
+
+Bytes go in through :meth:`MultipartRewriter.feed`; out come events telling the caller
+which bytes belong to which file (``FileStart``, ``FileData``, ``FileEnd``) and, at the end,
+the form the app should see, in which each file part has become a text field holding the
+file's key. No sockets, files, Redis or S3 here: the WSGI and ASGI adapters do the I/O.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.sansio import multipart as mp
+
+from qproxy.errors import MalformedUpload, UploadTooLarge
+from qproxy.keys import generate_key
+
+MAX_HEADER_BYTES = 16 * 1024
+MAX_FILENAME_CHARS = 255
+_CONTENT_TYPE_RE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+
+
+@dataclass(frozen=True, slots=True)
+class FileStart:
+    """A file part begins; store what follows under ``key``."""
+
+    field: str
+    key: str
+    filename: str
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileData:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FileEnd:
+    """The file part is complete. ``keep`` is False for the empty part a browser sends for
+    a file input left blank (no name, no bytes): nothing to store."""
+
+    keep: bool
+
+
+Event = FileStart | FileData | FileEnd
+
+
+def multipart_boundary(content_type: str | None) -> bytes | None:
+    """The boundary if ``content_type`` is multipart/form-data, else None.
+
+    Raises :class:`MalformedUpload` for multipart/form-data without a usable boundary.
+    """
+    if not content_type:
+        return None
+    mimetype, options = parse_options_header(content_type)
+    if mimetype != "multipart/form-data":
+        return None
+    boundary = options.get("boundary", "")
+    # RFC 2046 5.1.1: 1-70 characters from a small set, not ending in a space.
+    if not _BOUNDARY_RE.fullmatch(boundary):
+        raise MalformedUpload("multipart/form-data without a valid boundary")
+    return boundary.encode("ascii")
+
+
+def clean_filename(raw: str | None) -> str:
+    """The client's filename as metadata: no control characters, bounded length."""
+    if not raw:
+        return ""
+    # Some old browsers send the client's full path.
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    return _CONTROL_RE.sub("", name)[:MAX_FILENAME_CHARS]
+
+
+def clean_content_type(raw: str | None, filename: str) -> str:
+    """A safe Content-Type for a stored file (no parameters, no header injection)."""
+    mimetype = (raw or "").split(";", 1)[0].strip().lower()
+    if mimetype and mimetype != "application/octet-stream" and _CONTENT_TYPE_RE.fullmatch(mimetype):
+        return mimetype
+    guessed, _ = mimetypes.guess_type(filename or "", strict=False)
+    if guessed and _CONTENT_TYPE_RE.fullmatch(guessed):
+        return guessed
+    return "application/octet-stream"
+
+
+def _quote_name(name: str) -> bytes:
+    # HTML's multipart/form-data encoding: percent-escape the three characters that would
+    # break the quoted name.
+    return name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A").encode()
+
+
+class MultipartRewriter:
+    """Turns one multipart body into file events plus the rewritten form."""
+
+    def __init__(
+        self,
+        boundary: bytes,
+        *,
+        max_body: int,
+        max_parts: int,
+        max_form_memory: int,
+        make_key: Callable[[str | None], str] = generate_key,
+    ) -> None:
+        self.boundary = boundary
+        self.max_body = max_body
+        self.max_parts = max_parts
+        self.max_form_memory = max_form_memory
+        self.make_key = make_key
+        self.received = 0
+        self._decoder = mp.MultipartDecoder(boundary, max_parts=max_parts)
+        self._body = bytearray()
+        self._form_bytes = 0
+        self._part: mp.Field | mp.File | None = None
+        self._file: FileStart | None = None
+        self._file_size = 0
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Give the next bytes of the body; ``b""`` marks its end."""
+        if self._done:
+            if data:
+                raise MalformedUpload("data after the end of the multipart body")
+            return []
+        self.received += len(data)
+        if self.received > self.max_body:
+            raise UploadTooLarge(f"upload larger than {self.max_body} bytes")
+        events: list[Event] = []
+        try:
+            self._decoder.receive_data(data if data else None)
+            self._drain(events)
+        except RequestEntityTooLarge as exc:
+            raise UploadTooLarge(f"more than {self.max_parts} parts in the form") from exc
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise MalformedUpload(f"malformed multipart body: {exc}") from exc
+        if (
+            self._decoder.state in (mp.State.PREAMBLE, mp.State.PART)
+            and len(self._decoder.buffer) > MAX_HEADER_BYTES
+        ):
+            raise MalformedUpload("multipart part headers too long or boundary missing")
+        if not data and not self._done:
+            raise MalformedUpload("multipart body ends before its closing boundary")
+        return events
+
+    def body(self) -> bytes:
+        """The form the app sees (valid once the closing boundary was fed)."""
+        assert self._done, "body() before the end of the multipart body"
+        return bytes(self._body)
+
+    def _drain(self, events: list[Event]) -> None:
+        decoder = self._decoder
+        while not self._done:
+            event = decoder.next_event()
+            if event is mp.NEED_DATA:
+                return
+            if isinstance(event, mp.File):
+                self._start_file(event, events)
+            elif isinstance(event, mp.Field):
+                self._start_field(event)
+            elif isinstance(event, mp.Data):
+                self._data(event, events)
+            elif isinstance(event, mp.Epilogue):
+                self._body += b"--" + self.boundary + b"--\r\n"
+                self._done = True
+
+    def _start_field(self, event: mp.Field) -> None:
+        if event.name is None:
+            raise MalformedUpload("form part without a name")
+        self._part = event
+        head = b'--%s\r\nContent-Disposition: form-data; name="%s"\r\n' % (
+            self.boundary,
+            _quote_name(event.name),
+        )
+        content_type = event.headers.get("content-type")
+        if content_type and not _CONTROL_RE.search(content_type):
+            head += b"Content-Type: %s\r\n" % content_type.encode("latin-1", "replace")
+        self._add_form(head + b"\r\n")
+
+    def _start_file(self, event: mp.File, events: list[Event]) -> None:
+        if event.name is None:
+            raise MalformedUpload("file part without a name")
+        self._part = event
+        filename = clean_filename(event.filename)
+        start = FileStart(
+            field=event.name,
+            key=self.make_key(filename),
+            filename=filename,
+            content_type=clean_content_type(event.headers.get("content-type"), filename),
+        )
+        self._file = start
+        self._file_size = 0
+        events.append(start)
+
+    def _data(self, event: mp.Data, events: list[Event]) -> None:
+        part = self._part
+        if part is None:
+            raise MalformedUpload("data outside a part")
+        if self._file is not None:
+            if event.data:
+                self._file_size += len(event.data)
+                events.append(FileData(event.data))
+            if not event.more_data:
+                keep = bool(self._file.filename) or self._file_size > 0
+                events.append(FileEnd(keep=keep))
+                value = self._file.key.encode() if keep else b""
+                head = b'--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n' % (
+                    self.boundary,
+                    _quote_name(self._file.field),
+                )
+                self._add_form(head + value + b"\r\n")
+                self._file = None
+                self._part = None
+        else:
+            self._add_form(event.data)
+            if not event.more_data:
+                self._add_form(b"\r\n")
+                self._part = None
+
+    def _add_form(self, data: bytes) -> None:
+        self._form_bytes += len(data)
+        if self._form_bytes > self.max_form_memory:
+            raise UploadTooLarge(f"form fields larger than {self.max_form_memory} bytes")
+        self._body += data

@@ -1,0 +1,224 @@
+"""The node's local store: atomic writes under one root, and the node's durable journal.
+
+Files are written to ``<root>/.qp/tmp/`` while the request is running (state ``pending``),
+then renamed to ``<root>/<key>`` when the app accepts them. Files are 0644 and folders 0755
+whatever the umask: nginx, started as root, reads them as ``nobody``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from qproxy.errors import InsufficientStorage
+from qproxy.keys import validate_key
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+PRIVATE = ".qp"
+_NODE_RE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _storage_error(exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("local disk full: the upload could not be stored")
+    return exc
+
+
+class TempFile:
+    """A file being written: counts its size and sha256 as the bytes stream in."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._hash = hashlib.sha256()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
+        self._fh: IO[bytes] | None = os.fdopen(fd, "wb", buffering=0)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fh is not None, "write after close"
+        try:
+            view = memoryview(data)
+            while view:
+                written = self._fh.write(view)
+                view = view[written or 0 :]
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        self._hash.update(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        """Flush to stable storage and close."""
+        if self._fh is None:
+            return
+        try:
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        finally:
+            self._fh.close()
+            self._fh = None
+
+    def discard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class LocalStore:
+    """Files of one node under one root folder."""
+
+    def __init__(self, root: str | os.PathLike[str], *, node_id: str = "node") -> None:
+        self.root = Path(root).absolute()
+        self.node_id = node_id
+        self.tmp_dir = self.root / PRIVATE / "tmp"
+        self.journal = Journal(
+            self.root / PRIVATE / "journal" / f"{_NODE_RE.sub('_', node_id)}.jsonl"
+        )
+        self._ready = False
+
+    def ensure(self) -> None:
+        """Create the root and private folders (idempotent)."""
+        if self._ready:
+            return
+        for folder in (self.root, self.root / PRIVATE, self.tmp_dir, self.journal.path.parent):
+            _makedir(folder)
+        self._ready = True
+
+    def path_for(self, key: str) -> Path:
+        """The absolute path of ``key``; never outside the root."""
+        validate_key(key)
+        path = self.root / key
+        # Belt and braces on top of validate_key: a key can never climb out of the root.
+        if os.path.commonpath([self.root, path]) != str(self.root):
+            raise ValueError("path outside the storage root")
+        return path
+
+    def create_temp(self) -> TempFile:
+        self.ensure()
+        name = f"{time.time_ns():x}-{os.getpid()}-{os.urandom(6).hex()}"
+        try:
+            return TempFile(self.tmp_dir / name)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    def commit(self, temp: TempFile, key: str) -> Path:
+        """Move a closed temp file to its key's path, durably."""
+        path = self.path_for(key)
+        try:
+            _makedirs(path.parent, self.root)
+            os.replace(temp.path, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        return path
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self.path_for(key).is_file()
+        except (ValueError, OSError):
+            return False
+
+    def open(self, key: str) -> IO[bytes]:
+        return open(self.path_for(key), "rb")
+
+    def remove(self, key: str) -> bool:
+        """Delete the local copy of ``key``; True if a file was removed."""
+        path = self.path_for(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        # Tidy empty date folders, never the root itself.
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+        return True
+
+    def pending_files(self) -> Iterator[Path]:
+        """Temp files of requests still running (or of requests that died)."""
+        if self.tmp_dir.is_dir():
+            yield from self.tmp_dir.iterdir()
+
+
+class Journal:
+    """An append-only, fsynced JSON-lines log of what this node accepted.
+
+    It is written before Redis, so the records can be rebuilt if Redis loses them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o640)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        try:
+            fh = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        with fh:
+            for line in fh:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue  # a torn last line after a crash
+
+
+def _makedir(path: Path) -> None:
+    try:
+        path.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+
+
+def _makedirs(path: Path, root: Path) -> None:
+    missing = []
+    while path != root and not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        _makedir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

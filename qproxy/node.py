@@ -1,0 +1,219 @@
+"""One node's machinery: its local store, the shared state, S3 and the transfer queue.
+
+The middlewares, the resolver, the worker and the CLI all build a :class:`Node` from a
+:class:`Config` and go through it, so every way in commits files the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qproxy.config import Config
+from qproxy.errors import LeaseLost, QProxyError
+from qproxy.intercept import FileData, FileEnd, FileStart, MultipartRewriter
+from qproxy.local import LocalStore, TempFile
+from qproxy.state import StateStore
+
+if TYPE_CHECKING:
+    from qproxy.remote import RemoteStore
+
+log = logging.getLogger("qproxy")
+
+
+class TransferQueue(Protocol):
+    """Where commits send transfer jobs (Celery in production)."""
+
+    def enqueue_transfer(self, key: str, gen: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file the middleware stored for the app (``environ["qproxy.uploads"]``)."""
+
+    field: str
+    key: str
+    filename: str
+    content_type: str
+    size: int
+    sha256: str
+    url: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Node:
+    """Everything one web node, worker or resolver needs, created lazily."""
+
+    def __init__(self, config: Config | None = None, *, queue: TransferQueue | None = None) -> None:
+        self.config = config or Config.from_env()
+        self.local = LocalStore(self.config.local_root, node_id=self.config.node_id)
+        self._queue = queue
+
+    @cached_property
+    def state(self) -> StateStore:
+        return StateStore.from_url(self.config.redis_url)
+
+    @cached_property
+    def remote(self) -> RemoteStore:
+        from qproxy.remote import RemoteStore
+
+        return RemoteStore(self.config)
+
+    @property
+    def queue(self) -> TransferQueue:
+        if self._queue is None:
+            from qproxy.tasks import CeleryQueue
+
+            self._queue = CeleryQueue(self.config)
+        return self._queue
+
+    def url_for(self, key: str) -> str:
+        return self.config.public_path + key
+
+    def intake(self, boundary: bytes) -> Intake:
+        return Intake(self, boundary)
+
+    def commit(self, temp: TempFile, key: str, fields: dict[str, Any]) -> None:
+        """Make an accepted file durable, record it and queue its transfer.
+
+        Order matters: the file is renamed into place and journalled (fsynced) before Redis
+        hears of it, so a Redis outage or crash never loses an accepted file.
+        """
+        self.local.commit(temp, key)
+        record = {
+            "node": self.config.node_id,
+            "node_url": self.config.node_url,
+            "size": temp.size,
+            "sha256": temp.sha256,
+            "has_local": True,
+            **fields,
+        }
+        self.local.journal.append({"op": "commit", "key": key, "ts": time.time(), **record})
+        try:
+            gen = self.state.create(key, "local", record)
+            self.queue.enqueue_transfer(key, gen)
+            try:
+                self.state.transition(key, "queued", gen=gen, from_states=("local",))
+            except LeaseLost:
+                pass  # a worker already picked it up
+        except (QProxyError, OSError) as exc:
+            # The file is on disk and in the journal; sweep/reconcile finish the job.
+            log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)
+        except Exception as exc:  # kombu/celery raise their own connection errors
+            log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)
+
+
+class Intake:
+    """The uploads of one request: bytes in, files on disk, then commit or discard."""
+
+    def __init__(self, node: Node, boundary: bytes) -> None:
+        cfg = node.config
+        self.node = node
+        self.rewriter = MultipartRewriter(
+            boundary,
+            max_body=cfg.max_upload_bytes,
+            max_parts=cfg.max_parts,
+            max_form_memory=cfg.max_form_memory,
+        )
+        self.files: list[StoredFile] = []
+        self._temps: list[tuple[StoredFile, TempFile]] = []
+        self._current: tuple[FileStart, TempFile] | None = None
+        self._settled = False
+
+    def feed(self, data: bytes) -> None:
+        """Next bytes of the body (``b""`` at the end). Raises QProxyError subclasses."""
+        for event in self.rewriter.feed(data):
+            if isinstance(event, FileData):
+                assert self._current is not None
+                self._current[1].write(event.data)
+            elif isinstance(event, FileStart):
+                self.node.local.ensure()
+                self._current = (event, self.node.local.create_temp())
+            elif isinstance(event, FileEnd):
+                assert self._current is not None
+                start, temp = self._current
+                self._current = None
+                if not event.keep:
+                    temp.discard()
+                    continue
+                temp.close()
+                stored = StoredFile(
+                    field=start.field,
+                    key=start.key,
+                    filename=start.filename,
+                    content_type=start.content_type,
+                    size=temp.size,
+                    sha256=temp.sha256,
+                    url=self.node.url_for(start.key),
+                )
+                self.files.append(stored)
+                self._temps.append((stored, temp))
+
+    def body(self) -> bytes:
+        return self.rewriter.body()
+
+    def commit(self) -> None:
+        """The app accepted the request: make every file durable and queue it."""
+        if self._settled:
+            return
+        self._settled = True
+        for stored, temp in self._temps:
+            self.node.commit(
+                temp,
+                stored.key,
+                {
+                    "filename": stored.filename,
+                    "content_type": stored.content_type,
+                    "meta": stored.meta,
+                },
+            )
+
+    def discard(self) -> None:
+        """The app refused the request (or it broke): leave nothing behind."""
+        if self._settled:
+            return
+        self._settled = True
+        temps: Iterable[TempFile] = [t for _, t in self._temps]
+        if self._current is not None:
+            temps = [*temps, self._current[1]]
+            self._current = None
+        for temp in temps:
+            try:
+                temp.discard()
+            except OSError as exc:  # pragma: no cover - the disk went away
+                log.warning("qproxy: could not remove %s: %s", temp.path, exc)
+
+
+def drop_local_copies(node: Node, *, now: float | None = None, limit: int = 500) -> int:
+    """The janitor: remove local copies whose S3 copy is verified and whose keep period is over.
+
+    Looks only at this node's drop schedule, so its cost follows what is due, not all files.
+    Returns how many files it removed.
+    """
+    state = node.state
+    removed = 0
+    for key in state.due_drops(node.config.node_id, now=now, limit=limit):
+        record = state.get(key)
+        if record is not None and record.state not in ("remote", "deleted"):
+            # Re-uploaded under the same key since: the new local file is the only copy.
+            state.drop_done(node.config.node_id, key, gen=None)
+            continue
+        try:
+            if node.local.remove(key):
+                removed += 1
+        except (OSError, QProxyError) as exc:
+            log.warning("qproxy janitor: cannot remove %s: %s", key, exc)
+            continue
+        state.drop_done(
+            node.config.node_id,
+            key,
+            gen=record.gen if record is not None and record.state == "remote" else None,
+        )
+    return removed

@@ -1,0 +1,226 @@
+"""S3: put with checksums, verify, delete, and the URLs clients are sent to."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from qproxy.config import Config
+from qproxy.errors import RemoteError, VerificationFailed
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+ClientError = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
+def make_client(config: Config) -> S3Client:
+    # Standard retries (legacy is the default) and checksums only when required: we send
+    # our own SHA-256 per request, and some S3-compatible servers reject botocore's CRC32.
+    boto_config = botocore.config.Config(
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=5,
+        read_timeout=60,
+        max_pool_connections=max(10, config.transfer_concurrency * 2),
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"} if config.s3_endpoint_url else None,
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=config.s3_endpoint_url,
+        region_name=config.s3_region,
+        config=boto_config,
+    )
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+class RemoteStore:
+    """One bucket (and prefix) in S3."""
+
+    def __init__(self, config: Config, client: S3Client | None = None) -> None:
+        if not config.s3_bucket:
+            from qproxy.errors import ConfigError
+
+            raise ConfigError("QPROXY_S3_BUCKET is not set")
+        self.config = config
+        self.bucket = config.s3_bucket
+        self.prefix = config.s3_prefix
+        self._client = client
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> S3Client:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = make_client(self.config)
+        return self._client
+
+    def object_key(self, key: str) -> str:
+        return self.prefix + key
+
+    def put(
+        self,
+        key: str,
+        fh: IO[bytes],
+        *,
+        size: int,
+        sha256: str,
+        content_type: str,
+        content_disposition: str = "",
+    ) -> None:
+        """Upload ``fh`` (positioned at 0) with a SHA-256 checksum S3 verifies on arrival."""
+        extra: dict[str, Any] = {
+            "ContentType": content_type,
+            "Metadata": {"sha256": sha256},
+        }
+        if content_disposition:
+            extra["ContentDisposition"] = content_disposition
+        try:
+            if size < self.config.multipart_threshold:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.object_key(key),
+                    Body=fh,
+                    ContentLength=size,
+                    ChecksumSHA256=_b64(bytes.fromhex(sha256)),
+                    **extra,
+                )
+            else:
+                self._put_multipart(key, fh, extra)
+        except ClientError as exc:
+            raise RemoteError(f"S3 put of {key} failed: {exc}") from exc
+
+    def _put_multipart(self, key: str, fh: IO[bytes], extra: dict[str, Any]) -> None:
+        okey = self.object_key(key)
+        upload = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=okey, ChecksumAlgorithm="SHA256", **extra
+        )
+        upload_id = upload["UploadId"]
+        parts: list[CompletedPartTypeDef] = []
+        try:
+            width = max(1, self.config.transfer_concurrency)
+            with ThreadPoolExecutor(width, thread_name_prefix="qproxy-part") as pool:
+                # At most ``width`` parts in memory: read the next only when one finished.
+                inflight: deque[Future[CompletedPartTypeDef]] = deque()
+                number = 0
+                while True:
+                    chunk = fh.read(self.config.multipart_chunk)
+                    if not chunk:
+                        break
+                    number += 1
+                    inflight.append(pool.submit(self._put_part, okey, upload_id, number, chunk))
+                    del chunk
+                    if len(inflight) >= width:
+                        parts.append(inflight.popleft().result())
+                while inflight:
+                    parts.append(inflight.popleft().result())
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=okey,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=okey, UploadId=upload_id)
+            except ClientError:
+                pass  # the lifecycle rule and ``sweep`` abort what is left
+            raise
+
+    def _put_part(
+        self, okey: str, upload_id: str, number: int, chunk: bytes
+    ) -> CompletedPartTypeDef:
+        checksum = _b64(hashlib.sha256(chunk).digest())
+        answer = self.client.upload_part(
+            Bucket=self.bucket,
+            Key=okey,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=chunk,
+            ChecksumSHA256=checksum,
+        )
+        return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
+
+    def verify(self, key: str, *, size: int, sha256: str) -> None:
+        """Raise :class:`VerificationFailed` unless S3 holds exactly ``size`` bytes of ``sha256``."""
+        try:
+            head = self.client.head_object(
+                Bucket=self.bucket, Key=self.object_key(key), ChecksumMode="ENABLED"
+            )
+        except ClientError as exc:
+            raise RemoteError(f"S3 head of {key} failed: {exc}") from exc
+        if head["ContentLength"] != size:
+            raise VerificationFailed(
+                f"{key}: S3 has {head['ContentLength']} bytes, expected {size}"
+            )
+        stored = head.get("Metadata", {}).get("sha256")
+        if stored != sha256:
+            raise VerificationFailed(f"{key}: S3 sha256 metadata {stored!r} != {sha256}")
+        checksum = head.get("ChecksumSHA256")
+        # Single-part objects carry the file's own SHA-256; multipart ones a checksum of the
+        # part checksums ("...-N"), which S3 checked part by part on arrival.
+        if checksum and "-" not in checksum and checksum != _b64(bytes.fromhex(sha256)):
+            raise VerificationFailed(f"{key}: S3 checksum {checksum} does not match")
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise RemoteError(f"S3 head of {key} failed: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise RemoteError(f"S3 head of {key} failed: {exc}") from exc
+        return True
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as exc:
+            raise RemoteError(f"S3 delete of {key} failed: {exc}") from exc
+
+    def url(self, key: str, *, method: str = "GET") -> str:
+        """Where to send a client: a presigned URL, or the public base + key.
+
+        A presigned URL signs its method, so HEAD needs its own.
+        """
+        if self.config.redirect == "public":
+            base = (self.config.remote_base_url or "").rstrip("/")
+            return f"{base}/{quote(self.object_key(key), safe='/')}"
+        operation = "head_object" if method == "HEAD" else "get_object"
+        return self.client.generate_presigned_url(
+            operation,
+            Params={"Bucket": self.bucket, "Key": self.object_key(key)},
+            ExpiresIn=self.config.presign_expires,
+        )
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket}
+            if self.config.s3_region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.config.s3_region}
+            self.client.create_bucket(**kwargs)
+
+    def ping(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            return False
+        return True

@@ -1,0 +1,318 @@
+"""The resolver: tells nginx where a file is right now.
+
+:func:`decide` turns a record into a plain :class:`Decision`; the Starlette app around it
+only fetches the record (one Redis round trip) and renders the decision for nginx
+(X-Accel-Redirect or auth_request headers) or, in standalone mode, sends the bytes itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import quote, unquote, urlsplit
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from qproxy.config import Config
+from qproxy.errors import InvalidKey, QProxyError, StateUnavailable
+from qproxy.headers import check_signature, content_disposition, signed_query
+from qproxy.keys import validate_key
+from qproxy.node import Node, drop_local_copies
+from qproxy.state import LOCAL_STATES, FileRecord
+
+log = logging.getLogger("qproxy.resolver")
+
+LOCAL_PREFIX = "/_qp/local/"
+PEER_PREFIX = "/_qp/peer/"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where the bytes of one request come from."""
+
+    kind: Literal["local", "peer", "redirect", "missing"]
+    key: str = ""
+    peer: str = ""  # host:port of the node holding the file
+    url: str = ""  # redirect target
+    content_type: str = "application/octet-stream"
+    disposition: str = ""
+    max_age: int = 0
+
+
+MISSING = Decision("missing")
+
+
+def decide(
+    record: FileRecord | None,
+    key: str,
+    *,
+    node_id: str,
+    remote_url: Callable[[], str],
+    local_exists: Callable[[], bool],
+    redirect_max_age: int,
+    retry: bool = False,
+) -> Decision:
+    """The routing rule. ``retry`` is set when nginx found the local file gone."""
+    if record is None:
+        # Never 404 while a copy exists: an accepted file whose record Redis lost.
+        if not retry and local_exists():
+            return Decision("local", key=key)
+        return MISSING
+    if record.state in ("deleted", "pending"):
+        return MISSING
+    meta = {
+        "content_type": record.content_type,
+        "disposition": content_disposition(record.filename),
+    }
+    if record.state == "remote" or retry:
+        if record.state != "remote":
+            return MISSING
+        return Decision("redirect", key=key, url=remote_url(), max_age=redirect_max_age, **meta)
+    if record.state in LOCAL_STATES:
+        if record.node == node_id or not record.node_url:
+            return Decision("local", key=key, **meta)
+        return Decision("peer", key=key, peer=urlsplit(record.node_url).netloc, **meta)
+    return MISSING
+
+
+class Resolver:
+    """The Starlette app and the janitor of one node."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        node: Node | None = None,
+        standalone: bool | None = None,
+    ) -> None:
+        self.node = node or Node(config)
+        self.config = self.node.config
+        self.standalone = self.config.standalone if standalone is None else standalone
+        self.counts: Counter[str] = Counter()
+        # Keep the redirect cacheable for well under the presigned URL's lifetime.
+        self.redirect_max_age = max(0, min(300, self.config.presign_expires // 2))
+        public = self.config.public_path
+        routes = [
+            Route("/resolve/{key:path}", self.resolve, methods=["GET", "HEAD"]),
+            Route(public + "{key:path}", self.public, methods=["GET", "HEAD"]),
+            Route("/auth", self.auth, methods=["GET", "HEAD"]),
+            Route("/status/{key:path}", self.status, methods=["GET"]),
+            Route("/internal/blob/{key:path}", self.blob, methods=["GET", "HEAD"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ]
+        self.app = Starlette(routes=routes, lifespan=self._lifespan)
+
+    # -- the decision ---------------------------------------------------------------------
+
+    async def lookup(self, raw_key: str, *, method: str = "GET", retry: bool = False) -> Decision:
+        try:
+            key = validate_key(raw_key)
+        except InvalidKey:
+            return MISSING
+        node = self.node
+
+        def remote_url() -> str:
+            return node.remote.url(key, method=method)
+
+        def local_exists() -> bool:
+            return node.local.exists(key)
+
+        try:
+            record = await anyio.to_thread.run_sync(node.state.get, key)
+        except StateUnavailable as exc:
+            log.warning("resolver: Redis unavailable (%s); falling back to disk, then S3", exc)
+            return await anyio.to_thread.run_sync(self._degraded, key, method)
+        return decide(
+            record,
+            key,
+            node_id=self.config.node_id,
+            remote_url=remote_url,
+            local_exists=local_exists,
+            redirect_max_age=self.redirect_max_age,
+            retry=retry,
+        )
+
+    def _degraded(self, key: str, method: str) -> Decision:
+        if self.node.local.exists(key):
+            return Decision("local", key=key)
+        try:
+            if self.node.remote.exists(key):
+                return Decision(
+                    "redirect", key=key, url=self.node.remote.url(key, method=method), max_age=0
+                )
+        except QProxyError as exc:
+            log.warning("resolver: S3 unavailable too: %s", exc)
+        return MISSING
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    async def resolve(self, request: Request) -> Response:
+        retry = request.headers.get("x-qp-retry") == "1"
+        decision = await self.lookup(request.path_params["key"], method=request.method, retry=retry)
+        self.counts[decision.kind] += 1
+        return self.x_accel(decision)
+
+    async def public(self, request: Request) -> Response:
+        if not self.standalone:
+            return await self.resolve(request)
+        decision = await self.lookup(request.path_params["key"], method=request.method)
+        self.counts[decision.kind] += 1
+        if decision.kind == "local":
+            path = self.node.local.path_for(decision.key)
+            if not path.is_file():
+                decision = await self.lookup(decision.key, method=request.method, retry=True)
+                return self.x_accel(decision)
+            headers = {"Cache-Control": "private, max-age=60"}
+            if decision.disposition:
+                headers["Content-Disposition"] = decision.disposition
+            return FileResponse(path, media_type=decision.content_type, headers=headers)
+        if decision.kind == "peer":
+            return self._peer_redirect(decision)
+        return self.x_accel(decision)
+
+    def x_accel(self, decision: Decision) -> Response:
+        if decision.kind == "local":
+            headers = {"X-Accel-Redirect": LOCAL_PREFIX + quote(decision.key, safe="/")}
+            if decision.disposition:
+                headers["Content-Disposition"] = decision.disposition
+            return Response(b"", headers=headers, media_type=decision.content_type)
+        if decision.kind == "peer":
+            target = f"{PEER_PREFIX}{decision.peer}/{quote(decision.key, safe='/')}?{self._signed(decision.key)}"
+            headers = {"X-Accel-Redirect": target}
+            if decision.disposition:
+                headers["Content-Disposition"] = decision.disposition
+            return Response(b"", headers=headers, media_type=decision.content_type)
+        if decision.kind == "redirect":
+            return Response(
+                b"",
+                status_code=302,
+                headers={
+                    "Location": decision.url,
+                    "Cache-Control": f"private, max-age={decision.max_age}"
+                    if decision.max_age
+                    else "no-store",
+                },
+            )
+        return PlainTextResponse(
+            "not found\n", status_code=404, headers={"Cache-Control": "no-store"}
+        )
+
+    def _peer_redirect(self, decision: Decision) -> Response:
+        url = f"http://{decision.peer}/internal/blob/{quote(decision.key, safe='/')}?{self._signed(decision.key)}"
+        return Response(
+            b"", status_code=302, headers={"Location": url, "Cache-Control": "no-store"}
+        )
+
+    def _signed(self, key: str) -> str:
+        return signed_query(self.config.secret, key)
+
+    async def auth(self, request: Request) -> Response:
+        # auth_request allows only 2xx/401/403 (anything else becomes a 500 in nginx), so
+        # every outcome is a 200 and the X-QP-* headers say what to do; no headers: 404.
+        original = request.headers.get("x-original-uri", "")
+        method = request.headers.get("x-original-method", "GET")
+        path = unquote(original.split("?", 1)[0])
+        public = self.config.public_path
+        if not path.startswith(public):
+            return Response(b"", status_code=200)
+        retry = request.headers.get("x-qp-retry") == "1"
+        decision = await self.lookup(path[len(public) :], method=method, retry=retry)
+        self.counts[decision.kind] += 1
+        headers: dict[str, str] = {}
+        if decision.kind == "local":
+            headers["X-QP-Path"] = "/" + decision.key
+        elif decision.kind == "peer":
+            headers["X-QP-Peer"] = (
+                f"{PEER_PREFIX}{decision.peer}/{quote(decision.key, safe='/')}?{self._signed(decision.key)}"
+            )
+        elif decision.kind == "redirect":
+            headers["X-QP-Location"] = decision.url
+        if decision.kind in ("local", "peer"):
+            headers["X-QP-Content-Type"] = decision.content_type
+            if decision.disposition:
+                headers["X-QP-Disposition"] = decision.disposition
+        return Response(b"", status_code=200, headers=headers)
+
+    async def status(self, request: Request) -> Response:
+        try:
+            key = validate_key(request.path_params["key"])
+        except InvalidKey as exc:
+            return JSONResponse({"error": exc.reason}, status_code=400)
+        try:
+            record = await anyio.to_thread.run_sync(self.node.state.get, key)
+        except StateUnavailable:
+            return JSONResponse({"error": "state store unavailable"}, status_code=503)
+        if record is None:
+            return JSONResponse({"error": "not found", "key": key}, status_code=404)
+        return JSONResponse(record.as_dict())
+
+    async def blob(self, request: Request) -> Response:
+        """A local file for another node's worker or nginx, behind a signed, expiring URL."""
+        key = request.path_params["key"]
+        q = request.query_params
+        try:
+            validate_key(key)
+        except InvalidKey:
+            return PlainTextResponse("not found\n", status_code=404)
+        if not check_signature(self.config.secret, key, q.get("exp", ""), q.get("sig", "")):
+            return PlainTextResponse("forbidden\n", status_code=403)
+        path = self.node.local.path_for(key)
+        if not path.is_file():
+            return PlainTextResponse("not found\n", status_code=404)
+        return FileResponse(path)
+
+    async def healthz(self, request: Request) -> Response:
+        redis_ok = await anyio.to_thread.run_sync(self.node.state.ping)
+        try:
+            s3_ok = await anyio.to_thread.run_sync(self.node.remote.ping)
+        except QProxyError:
+            s3_ok = False
+        body = {"redis": redis_ok, "s3": s3_ok, "node": self.config.node_id}
+        return JSONResponse(body, status_code=200 if redis_ok and s3_ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        lines = ["# TYPE qproxy_resolve_total counter"]
+        for kind in ("local", "peer", "redirect", "missing"):
+            lines.append(f'qproxy_resolve_total{{decision="{kind}"}} {self.counts[kind]}')
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    # -- janitor --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(self._janitor())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _janitor(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                removed = await anyio.to_thread.run_sync(drop_local_copies, self.node)
+                if removed:
+                    log.info("janitor: dropped %d local copies now safely in S3", removed)
+            except Exception as exc:  # Redis down, disk trouble: try again next round
+                log.warning("janitor: %s", exc)
+            await asyncio.sleep(
+                max(0.1, self.config.janitor_interval - (time.monotonic() - started))
+            )
+
+
+def create_app(config: Config | None = None, *, standalone: bool | None = None) -> Starlette:
+    """The resolver as an ASGI app (``uvicorn --factory qproxy.resolver:create_app``)."""
+    return Resolver(config, standalone=standalone).app

@@ -1,0 +1,265 @@
+"""Per-file records in Redis.
+
+One hash per file (``qp:f:<key>``) holds the record; every change is one Lua script that
+compares the record's generation (and, for transfers, its lease) and then sets, so two
+workers, a sweep and a re-upload can never overwrite each other's newer state. A sorted set
+per state (``qp:s:<state>``, scored by last change) lets sweeps look only at what is stuck.
+Each node has a schedule (``qp:drop:<node>``) of local copies it may drop, and when.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import redis
+
+from qproxy.errors import LeaseLost, StateUnavailable
+
+State = Literal["pending", "local", "queued", "transferring", "remote", "failed", "deleted"]
+STATES: tuple[State, ...] = (
+    "pending",
+    "local",
+    "queued",
+    "transferring",
+    "remote",
+    "failed",
+    "deleted",
+)
+# States in which the only copy is on the origin node's disk.
+LOCAL_STATES = frozenset({"local", "queued", "transferring", "failed"})
+
+PREFIX = "qp:"
+
+_CREATE = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if cur and cur ~= 'deleted' then return {0, cur} end
+if cur then
+  -- Revive a deleted key: forget its old fields, keep the generation monotonic (fencing).
+  local old = redis.call('HGET', KEYS[1], 'gen')
+  redis.call('ZREM', ARGV[1] .. 's:' .. cur, ARGV[2])
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'gen', old)
+end
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated', ARGV[4])
+redis.call('ZADD', ARGV[1] .. 's:' .. ARGV[3], ARGV[4], ARGV[2])
+return {1, gen}
+"""
+
+# ARGV: prefix, key, new state, now, expected gen|'', allowed states 'a,b'|'', lease|'',
+#       drop node|'', drop due|'', then field/value pairs ('' values are deleted).
+_TRANSITION = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'gen', 'lease')
+if not cur[1] then return {0, 'missing'} end
+if ARGV[5] ~= '' and cur[2] ~= ARGV[5] then return {0, 'generation', cur[1], cur[2]} end
+if ARGV[6] ~= '' and not string.find(',' .. ARGV[6] .. ',', ',' .. cur[1] .. ',', 1, true) then
+  return {0, 'state', cur[1], cur[2]}
+end
+if ARGV[7] ~= '' and cur[3] ~= ARGV[7] then return {0, 'lease', cur[1], cur[2]} end
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated', ARGV[4])
+for i = 10, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+if cur[1] ~= ARGV[3] then redis.call('ZREM', ARGV[1] .. 's:' .. cur[1], ARGV[2]) end
+redis.call('ZADD', ARGV[1] .. 's:' .. ARGV[3], ARGV[4], ARGV[2])
+if ARGV[8] ~= '' then redis.call('ZADD', ARGV[1] .. 'drop:' .. ARGV[8], ARGV[9], ARGV[2]) end
+return {1, gen}
+"""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What Redis knows about one file."""
+
+    key: str
+    state: State
+    gen: int
+    node: str = ""
+    node_url: str = ""
+    size: int = 0
+    sha256: str = ""
+    filename: str = ""
+    content_type: str = "application/octet-stream"
+    created: float = 0.0
+    updated: float = 0.0
+    attempts: int = 0
+    error: str = ""
+    lease: str = ""
+    lease_until: float = 0.0
+    remote_at: float = 0.0
+    has_local: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_hash(cls, key: str, raw: Mapping[bytes, bytes]) -> FileRecord:
+        h = {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+        return cls(
+            key=key,
+            state=cast(State, h.get("state", "pending")),
+            gen=int(h.get("gen", 0)),
+            node=h.get("node", ""),
+            node_url=h.get("node_url", ""),
+            size=int(h.get("size", 0) or 0),
+            sha256=h.get("sha256", ""),
+            filename=h.get("filename", ""),
+            content_type=h.get("content_type") or "application/octet-stream",
+            created=float(h.get("created", 0) or 0),
+            updated=float(h.get("updated", 0) or 0),
+            attempts=int(h.get("attempts", 0) or 0),
+            error=h.get("error", ""),
+            lease=h.get("lease", ""),
+            lease_until=float(h.get("lease_until", 0) or 0),
+            remote_at=float(h.get("remote_at", 0) or 0),
+            has_local=h.get("has_local", "1") == "1",
+            meta=json.loads(h["meta"]) if h.get("meta") else {},
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out.pop("lease")
+        return out
+
+
+class StateStore:
+    """Records in one Redis database."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = PREFIX) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self._create = client.register_script(_CREATE)
+        self._transition = client.register_script(_TRANSITION)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> StateStore:
+        client = redis.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30, **kwargs
+        )
+        return cls(client)
+
+    def record_key(self, key: str) -> str:
+        return f"{self.prefix}f:{key}"
+
+    def get(self, key: str) -> FileRecord | None:
+        try:
+            raw = cast(dict[bytes, bytes], self.redis.hgetall(self.record_key(key)))
+        except redis.RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
+        return FileRecord.from_hash(key, raw) if raw else None
+
+    def create(self, key: str, state: State, fields: Mapping[str, Any]) -> int:
+        """Create a record (or revive a deleted one). Returns its generation."""
+        now = time.time()
+        args: list[Any] = [self.prefix, key, state, repr(now)]
+        args += _flatten({"created": repr(now), **fields})
+        try:
+            ok, value = self._create(keys=[self.record_key(key)], args=args)
+        except redis.RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
+        if not ok:
+            raise LeaseLost(f"{key} already exists in state {value.decode()}")
+        return int(value)
+
+    def transition(
+        self,
+        key: str,
+        to: State,
+        *,
+        gen: int | None = None,
+        from_states: Iterable[State] = (),
+        lease: str | None = None,
+        fields: Mapping[str, Any] | None = None,
+        drop: tuple[str, float] | None = None,
+    ) -> int:
+        """Move ``key`` to state ``to`` if its generation, state and lease match.
+
+        Returns the new generation; raises :class:`LeaseLost` when the record moved on.
+        ``drop`` schedules the node's local copy for removal at a time.
+        """
+        now = time.time()
+        args: list[Any] = [
+            self.prefix,
+            key,
+            to,
+            repr(now),
+            "" if gen is None else str(gen),
+            ",".join(from_states),
+            lease or "",
+            drop[0] if drop else "",
+            repr(drop[1]) if drop else "",
+        ]
+        args += _flatten(fields or {})
+        try:
+            result = self._transition(keys=[self.record_key(key)], args=args)
+        except redis.RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
+        if not result[0]:
+            why = result[1].decode()
+            detail = (
+                f" (now {result[2].decode()}, generation {result[3].decode()})"
+                if len(result) > 2
+                else ""
+            )
+            raise LeaseLost(f"{key}: {why} check failed moving to {to}{detail}")
+        return int(result[1])
+
+    def keys_in_state(
+        self, state: State, *, older_than: float | None = None, limit: int = 1000
+    ) -> list[str]:
+        top = "+inf" if older_than is None else repr(older_than)
+        try:
+            members = self.redis.zrangebyscore(
+                f"{self.prefix}s:{state}", "-inf", top, start=0, num=limit
+            )
+        except redis.RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
+        return [m.decode() for m in cast(list[bytes], members)]
+
+    def count(self, state: State) -> int:
+        return int(cast(int, self.redis.zcard(f"{self.prefix}s:{state}")))
+
+    def due_drops(self, node: str, *, now: float | None = None, limit: int = 100) -> list[str]:
+        top = repr(time.time() if now is None else now)
+        members = self.redis.zrangebyscore(
+            f"{self.prefix}drop:{node}", "-inf", top, start=0, num=limit
+        )
+        return [m.decode() for m in cast(list[bytes], members)]
+
+    def drop_done(self, node: str, key: str, *, gen: int | None) -> None:
+        """The node no longer holds ``key``: unschedule it and mark the record."""
+        pipe = self.redis.pipeline()
+        pipe.zrem(f"{self.prefix}drop:{node}", key)
+        pipe.execute()
+        if gen is not None:
+            # Only if nothing happened to the record meanwhile (a re-upload keeps its copy).
+            try:
+                self.transition(
+                    key, "remote", gen=gen, from_states=("remote",), fields={"has_local": "0"}
+                )
+            except LeaseLost:
+                pass
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
+
+
+def _flatten(fields: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            value = json.dumps(value, separators=(",", ":"))
+        elif isinstance(value, bool):
+            value = "1" if value else "0"
+        elif isinstance(value, float):
+            value = repr(value)
+        out += [name, "" if value is None else str(value)]
+    return out

@@ -1,0 +1,226 @@
+"""The Celery side: the app, the ``transfer`` task, and the queue the web nodes push to.
+
+Celery on a Redis broker redelivers a task whose worker has not acknowledged it after the
+visibility timeout, so a long transfer can run twice at once. Every run is therefore fenced:
+it takes a lease on the record, and each state change is a compare-and-set on the
+generation and that lease (see :mod:`qproxy.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+from celery import Celery, Task
+
+from qproxy.config import Config
+from qproxy.errors import LeaseLost, QProxyError, StateUnavailable
+from qproxy.headers import content_disposition, signed_query
+from qproxy.node import Node
+from qproxy.state import FileRecord
+
+log = logging.getLogger("qproxy.tasks")
+
+TRANSFER = "qproxy.transfer"
+QUEUE = "qproxy"
+
+
+def make_celery(config: Config) -> Celery:
+    app = Celery("qproxy", broker=config.broker, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": config.visibility_timeout},
+        # A web request must not hang on a dead broker: the commit path falls back to the
+        # journal and sweep.
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        broker_connection_timeout=3,
+        worker_hijack_root_logger=False,
+    )
+    app.task(name=TRANSFER, bind=True, acks_late=True, max_retries=None)(_transfer_task)
+    return app
+
+
+class CeleryQueue:
+    """:class:`qproxy.node.TransferQueue` over Celery."""
+
+    def __init__(self, config: Config) -> None:
+        self.app = make_celery(config)
+
+    def enqueue_transfer(self, key: str, gen: int) -> None:
+        self.app.send_task(TRANSFER, args=[key, gen], queue=QUEUE)
+
+
+_node: Node | None = None
+
+
+def worker_node() -> Node:
+    """This worker process's node (built from the environment on first use)."""
+    global _node
+    if _node is None:
+        _node = Node(Config.from_env())
+    return _node
+
+
+def backoff(config: Config, retries: int) -> float:
+    """Exponential backoff with full jitter, capped below the visibility timeout."""
+    ceiling = min(config.retry_backoff_max, config.retry_backoff * (2**retries))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _transfer_task(task: Task[Any, Any], key: str, gen: int = 0) -> str:
+    node = worker_node()
+    retries = int(task.request.retries or 0)
+    try:
+        return transfer(node, key, attempts_left=node.config.transfer_retries - retries)
+    except TransferRetry as exc:
+        raise task.retry(
+            countdown=backoff(node.config, retries), exc=exc.cause, max_retries=None
+        ) from None
+    except StateUnavailable as exc:
+        # Redis is down: nothing was changed, try again later.
+        raise task.retry(
+            countdown=backoff(node.config, retries), exc=exc, max_retries=None
+        ) from None
+
+
+class TransferRetry(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def transfer(node: Node, key: str, *, attempts_left: int = 1) -> str:
+    """Move ``key`` to S3 and mark it remote. Returns the state the record ends in.
+
+    Idempotent: a record already remote (or deleted, or owned by a live lease) is left alone.
+    Raises :class:`TransferRetry` when this attempt failed and another should follow.
+    """
+    state = node.state
+    record = state.get(key)
+    now = time.time()
+    if record is None:
+        log.warning("transfer %s: no record, nothing to do", key)
+        return "missing"
+    if record.state == "transferring" and record.lease_until > now:
+        log.info("transfer %s: another run holds the lease, skipping", key)
+        return "transferring"
+    if record.state not in ("local", "queued", "failed", "transferring"):
+        return record.state
+
+    token = uuid.uuid4().hex
+    gen = state.transition(
+        key,
+        "transferring",
+        gen=record.gen,
+        fields={
+            "lease": token,
+            "lease_until": now + node.config.lease_seconds,
+            "attempts": record.attempts + 1,
+        },
+    )
+    try:
+        with _source(node, record) as fh:
+            node.remote.put(
+                key,
+                fh,
+                size=record.size,
+                sha256=record.sha256,
+                content_type=record.content_type,
+                content_disposition=content_disposition(record.filename),
+            )
+        node.remote.verify(key, size=record.size, sha256=record.sha256)
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        final = attempts_left <= 1 or isinstance(exc, FileNotFoundError)
+        try:
+            state.transition(
+                key,
+                "failed" if final else "queued",
+                gen=gen,
+                lease=token,
+                fields={"lease": "", "lease_until": "", "error": error},
+            )
+        except LeaseLost as lost:
+            log.warning("transfer %s: lease conflict after failure: %s", key, lost)
+            return "conflict"
+        if final:
+            log.error("transfer %s failed for good: %s", key, error)
+            return "failed"
+        log.warning("transfer %s failed, will retry: %s", key, error)
+        raise TransferRetry(exc) from exc
+
+    keep = max(node.config.keep_local_seconds, node.config.drop_grace_seconds)
+    try:
+        state.transition(
+            key,
+            "remote",
+            gen=gen,
+            lease=token,
+            fields={"lease": "", "lease_until": "", "error": "", "remote_at": time.time()},
+            drop=(record.node, time.time() + keep),
+        )
+    except LeaseLost as lost:
+        log.warning("transfer %s: lease conflict, not marking remote: %s", key, lost)
+        return "conflict"
+    log.info("transfer %s: remote (%d bytes, sha256 %s)", key, record.size, record.sha256)
+    return "remote"
+
+
+@contextmanager
+def _source(node: Node, record: FileRecord) -> Iterator[IO[bytes]]:
+    """The file's bytes: from this host's disk, or pulled from the origin node."""
+    if node.local.exists(record.key):
+        with node.local.open(record.key) as fh:
+            yield fh
+        return
+    if record.node == node.config.node_id or not record.node_url:
+        raise FileNotFoundError(f"local copy of {record.key} is missing on {record.node}")
+    import httpx
+
+    url = f"{record.node_url.rstrip('/')}/internal/blob/{record.key}?{signed_query(node.config.secret, record.key)}"
+    with tempfile.TemporaryFile(prefix="qproxy-pull-") as spool:
+        with httpx.stream("GET", url, timeout=30) as response:
+            if response.status_code != 200:
+                raise QProxyError(
+                    f"origin {record.node} answered {response.status_code} for {record.key}"
+                )
+            for chunk in response.iter_bytes(1024 * 1024):
+                spool.write(chunk)
+        spool.seek(0)
+        yield spool
+
+
+def run_worker(config: Config, argv: list[str]) -> None:
+    """``qproxy worker``: a Celery worker on qproxy's queue."""
+    global _node
+    _node = Node(config)
+    app = make_celery(config)
+    args = ["worker", "--queues", QUEUE, "--loglevel", "INFO", *argv]
+    app.worker_main(args)
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A qproxy.tasks worker`` looks for ``app``; build it from the environment.
+    if name in ("app", "celery"):
+        return make_celery(Config.from_env())
+    raise AttributeError(name)
