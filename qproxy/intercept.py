@@ -98,6 +98,29 @@ def _quote_name(name: str) -> bytes:
     return name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A").encode()
 
 
+class _Decoder(mp.MultipartDecoder):
+    """werkzeug's decoder with a safer hold-back of a possibly split boundary.
+
+    werkzeug (3.1.x) decides how much of the buffer's tail might be the start of the next
+    ``CRLF--boundary`` by the positions of the last CR and LF only; when a chunk ends a few
+    bytes into the marker (``"\\r\\n--bound"``) it releases the CR as file data, and the
+    stored file gains a stray byte. Chunk edges fall anywhere on a real network, so hold
+    back exactly the tail that is a prefix of a delimiter (or starts with a whole one).
+    """
+
+    def _last_partial_boundary_index(self, data: bytes | bytearray) -> int:
+        delimiters = (b"\r\n--" + self.boundary, b"\n--" + self.boundary, b"\r--" + self.boundary)
+        longest = len(delimiters[0])
+        # A whole delimiter may sit in the tail, waiting for its "--" or line break.
+        for i in range(max(0, len(data) - longest - 64), len(data)):
+            if data[i] not in (10, 13):
+                continue
+            tail = bytes(data[i:])
+            if any(d.startswith(tail) or tail.startswith(d) for d in delimiters):
+                return i
+        return len(data)
+
+
 class MultipartRewriter:
     """Turns one multipart body into file events plus the rewritten form."""
 
@@ -116,7 +139,7 @@ class MultipartRewriter:
         self.max_form_memory = max_form_memory
         self.make_key = make_key
         self.received = 0
-        self._decoder = mp.MultipartDecoder(boundary, max_parts=max_parts)
+        self._decoder = _Decoder(boundary, max_parts=max_parts)
         self._body = bytearray()
         self._form_bytes = 0
         self._part: mp.Field | mp.File | None = None

@@ -28,6 +28,7 @@ def make_client(config: Config) -> S3Client:
     # Standard retries (legacy is the default) and checksums only when required: we send
     # our own SHA-256 per request, and some S3-compatible servers reject botocore's CRC32.
     boto_config = botocore.config.Config(
+        signature_version="s3v4",
         retries={"mode": "standard", "max_attempts": 3},
         connect_timeout=5,
         read_timeout=60,

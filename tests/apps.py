@@ -1,0 +1,48 @@
+"""Apps the end-to-end tests run behind qproxy (imported by the stack's app process)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from flask import Flask, jsonify, request
+
+from qproxy.wsgi import UploadMiddleware
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+
+def flask_app() -> Flask:
+    app = Flask(__name__)
+
+    @app.get("/")
+    def index() -> str:
+        return "ok"
+
+    @app.post("/upload")
+    def upload() -> tuple[object, int]:
+        uploads = request.environ.get("qproxy.uploads", [])
+        status = int(request.form.get("status", "201"))
+        return jsonify(
+            keys=request.form.getlist("file"),
+            form={k: request.form.getlist(k) for k in request.form},
+            files=list(request.files),
+            uploads=[u.as_dict() for u in uploads],
+        ), status
+
+    return app
+
+
+def make_app() -> WSGIApplication:
+    return UploadMiddleware(flask_app().wsgi_app)
+
+
+def plain_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """A bare WSGI callable: echoes the body it received and the uploads."""
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    uploads = [u.as_dict() for u in environ.get("qproxy.uploads", [])]
+    out = json.dumps({"body": body.decode("latin-1"), "uploads": uploads}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
+    return [out]

@@ -1,0 +1,93 @@
+"""Fixtures: real redis-server, moto's S3 server, Celery worker, uvicorn and nginx.
+
+The stacks are started once per session (on free 127.0.0.1 ports) and torn down at the
+end; tests that change state use fresh keys, so they do not interfere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qproxy.config import Config
+from qproxy.devstack import AWS_TEST_ENV, Stack, find_nginx
+from qproxy.node import Node
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_UPLOAD = 20 * 1024 * 1024
+
+needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed")
+
+
+def _stack(mode: str = "x-accel", **settings: str) -> Stack:
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "QPROXY_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+        "QPROXY_MULTIPART_THRESHOLD": str(6 * 1024 * 1024),
+        "QPROXY_MULTIPART_CHUNK": str(5 * 1024 * 1024),
+        **settings,
+    }
+    return Stack(mode=mode, settings=env, app="tests.apps:make_app")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _aws_env() -> Iterator[None]:
+    # boto3 in the test process talks to moto with the same throwaway credentials.
+    saved = {k: os.environ.get(k) for k in AWS_TEST_ENV}
+    os.environ.update(AWS_TEST_ENV)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """The whole stack, nginx in X-Accel mode (or standalone where nginx is missing)."""
+    with _stack() as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def auth_stack() -> Iterator[Stack]:
+    """The whole stack with nginx in auth_request mode."""
+    if find_nginx() is None:
+        pytest.skip("nginx is not installed")
+    with _stack("auth_request") as s:
+        yield s
+
+
+@pytest.fixture(params=["x-accel", "auth_request"])
+def any_stack(request: pytest.FixtureRequest) -> Stack:
+    name = "stack" if request.param == "x-accel" else "auth_stack"
+    s: Stack = request.getfixturevalue(name)
+    if request.param == "x-accel" and not s.use_nginx:
+        pytest.skip("nginx is not installed")
+    return s
+
+
+@pytest.fixture
+def local_root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="qproxy-test-"))
+    os.chmod(path, 0o755)
+    yield path / "files"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def node(stack: Stack) -> Node:
+    """A node in the test process, on the session stack's Redis, S3, queue and local root,
+    so the stack's real worker transfers what it commits."""
+    return Node(stack.config)
+
+
+@pytest.fixture
+def config(node: Node) -> Config:
+    return node.config
