@@ -70,6 +70,13 @@ def _hostport(url: str, what: str) -> str:
     return f"{host}:{parts.port}"
 
 
+def _quote(path: str) -> str:
+    # nginx expands variables in alias/root: a "$" in the path cannot be written safely.
+    if "$" in path or any(c in path for c in "\r\n\x00"):
+        raise ConfigError(f"QPROXY_LOCAL_ROOT {path!r} cannot be used in nginx's config")
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _proxy_common(indent: str) -> str:
     lines = [
         "proxy_http_version 1.1;",
@@ -141,7 +148,7 @@ def server_block(config: Config, options: NginxOptions) -> str:
             f"{i1}# resolver's answer and this read is asked for again (@qp_retry), never a 404.\n",
             f"{i1}location ^~ /_qp/local/ {{\n",
             f"{i2}internal;\n",
-            f"{i2}alias {root};\n",
+            f"{i2}alias {_quote(root)};\n",
             f"{i2}{cache}\n",
             f"{i2}add_header X-QProxy-Source local always;\n",
             f"{i2}error_page 404 = @qp_retry;\n",
@@ -164,7 +171,7 @@ def server_block(config: Config, options: NginxOptions) -> str:
             f"{i2}auth_request_set $qp_url $upstream_http_x_qp_location;\n",
             f"{i2}auth_request_set $qp_peer $upstream_http_x_qp_peer;\n",
             f"{i2}auth_request_set $qp_disposition $upstream_http_x_qp_disposition;\n",
-            f"{i2}root {root.rstrip('/') or '/'};\n",
+            f"{i2}root {_quote(root.rstrip('/') or '/')};\n",
             f"{i2}{cache}\n",
             f"{i2}add_header Content-Disposition $qp_disposition;\n",
             f"{i2}add_header X-QProxy-Source local always;\n",
