@@ -91,6 +91,11 @@ class Config:
         return self.broker_url or self.redis_url
 
     @property
+    def redirect_max_age(self) -> int:
+        """How long a client may cache a redirect to S3: well under the presigned URL's life."""
+        return max(0, min(300, self.presign_expires // 2))
+
+    @property
     def local_path(self) -> Path:
         return Path(self.local_root)
 

@@ -194,6 +194,7 @@ def server_block(config: Config, options: NginxOptions) -> str:
             f'{i2}if ($qp_url = "") {{\n',
             f"{i2}    return 404;\n",
             f"{i2}}}\n",
+            f'{i2}add_header Cache-Control "private, max-age={config.redirect_max_age}" always;\n',
             f"{i2}return 302 $qp_url;\n",
             f"{i1}}}\n\n",
         ]

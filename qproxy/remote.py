@@ -83,8 +83,12 @@ class RemoteStore:
         sha256: str,
         content_type: str,
         content_disposition: str = "",
-    ) -> None:
-        """Upload ``fh`` (positioned at 0) with a SHA-256 checksum S3 verifies on arrival."""
+    ) -> str:
+        """Upload ``fh`` (positioned at 0) with SHA-256 checksums S3 verifies on arrival.
+
+        Returns the checksum S3 should report for the object: the file's SHA-256 for a single
+        PUT; for a multipart upload the SHA-256 of the parts' SHA-256s (base64).
+        """
         extra: dict[str, Any] = {
             "ContentType": content_type,
             "Metadata": {"sha256": sha256},
@@ -93,20 +97,21 @@ class RemoteStore:
             extra["ContentDisposition"] = content_disposition
         try:
             if size < self.config.multipart_threshold:
+                checksum = _b64(bytes.fromhex(sha256))
                 self.client.put_object(
                     Bucket=self.bucket,
                     Key=self.object_key(key),
                     Body=fh,
                     ContentLength=size,
-                    ChecksumSHA256=_b64(bytes.fromhex(sha256)),
+                    ChecksumSHA256=checksum,
                     **extra,
                 )
-            else:
-                self._put_multipart(key, fh, extra)
+                return checksum
+            return self._put_multipart(key, fh, extra)
         except ClientError as exc:
             raise RemoteError(f"S3 put of {key} failed: {exc}") from exc
 
-    def _put_multipart(self, key: str, fh: IO[bytes], extra: dict[str, Any]) -> None:
+    def _put_multipart(self, key: str, fh: IO[bytes], extra: dict[str, Any]) -> str:
         okey = self.object_key(key)
         upload = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=okey, ChecksumAlgorithm="SHA256", **extra
@@ -142,6 +147,8 @@ class RemoteStore:
             except ClientError:
                 pass  # the lifecycle rule and ``sweep`` abort what is left
             raise
+        combined = hashlib.sha256(b"".join(base64.b64decode(p["ChecksumSHA256"]) for p in parts))
+        return _b64(combined.digest())
 
     def _put_part(
         self, okey: str, upload_id: str, number: int, chunk: bytes
@@ -157,8 +164,12 @@ class RemoteStore:
         )
         return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
 
-    def verify(self, key: str, *, size: int, sha256: str) -> None:
-        """Raise :class:`VerificationFailed` unless S3 holds exactly ``size`` bytes of ``sha256``."""
+    def verify(self, key: str, *, size: int, sha256: str, checksum: str = "") -> None:
+        """Raise :class:`VerificationFailed` unless S3 holds exactly ``size`` bytes of ``sha256``.
+
+        ``checksum`` is what :meth:`put` returned; S3 reports it (a multipart one with a
+        ``-N`` part count appended).
+        """
         try:
             head = self.client.head_object(
                 Bucket=self.bucket, Key=self.object_key(key), ChecksumMode="ENABLED"
@@ -172,11 +183,10 @@ class RemoteStore:
         stored = head.get("Metadata", {}).get("sha256")
         if stored != sha256:
             raise VerificationFailed(f"{key}: S3 sha256 metadata {stored!r} != {sha256}")
-        checksum = head.get("ChecksumSHA256")
-        # Single-part objects carry the file's own SHA-256; multipart ones a checksum of the
-        # part checksums ("...-N"), which S3 checked part by part on arrival.
-        if checksum and "-" not in checksum and checksum != _b64(bytes.fromhex(sha256)):
-            raise VerificationFailed(f"{key}: S3 checksum {checksum} does not match")
+        reported = head.get("ChecksumSHA256", "")
+        expected = checksum or _b64(bytes.fromhex(sha256))
+        if reported and reported.split("-", 1)[0] != expected:
+            raise VerificationFailed(f"{key}: S3 checksum {reported} does not match {expected}")
 
     def exists(self, key: str) -> bool:
         try:

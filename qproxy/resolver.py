@@ -99,8 +99,7 @@ class Resolver:
         self.config = self.node.config
         self.standalone = self.config.standalone if standalone is None else standalone
         self.counts: Counter[str] = Counter()
-        # Keep the redirect cacheable for well under the presigned URL's lifetime.
-        self.redirect_max_age = max(0, min(300, self.config.presign_expires // 2))
+        self.redirect_max_age = self.config.redirect_max_age
         public = self.config.public_path
         routes = [
             Route("/resolve/{key:path}", self.resolve, methods=["GET", "HEAD"]),

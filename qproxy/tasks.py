@@ -138,7 +138,7 @@ def transfer(node: Node, key: str, *, attempts_left: int = 1) -> str:
     )
     try:
         with _source(node, record) as fh:
-            node.remote.put(
+            checksum = node.remote.put(
                 key,
                 fh,
                 size=record.size,
@@ -146,7 +146,7 @@ def transfer(node: Node, key: str, *, attempts_left: int = 1) -> str:
                 content_type=record.content_type,
                 content_disposition=content_disposition(record.filename),
             )
-        node.remote.verify(key, size=record.size, sha256=record.sha256)
+        node.remote.verify(key, size=record.size, sha256=record.sha256, checksum=checksum)
     except LeaseLost:
         raise
     except Exception as exc:
