@@ -103,6 +103,7 @@ class RemoteStore:
                     Key=self.object_key(key),
                     Body=fh,
                     ContentLength=size,
+                    ChecksumAlgorithm="SHA256",
                     ChecksumSHA256=checksum,
                     **extra,
                 )
@@ -160,6 +161,7 @@ class RemoteStore:
             UploadId=upload_id,
             PartNumber=number,
             Body=chunk,
+            ChecksumAlgorithm="SHA256",
             ChecksumSHA256=checksum,
         )
         return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
@@ -185,7 +187,10 @@ class RemoteStore:
             raise VerificationFailed(f"{key}: S3 sha256 metadata {stored!r} != {sha256}")
         reported = head.get("ChecksumSHA256", "")
         expected = checksum or _b64(bytes.fromhex(sha256))
-        if reported and reported.split("-", 1)[0] != expected:
+        if not reported:
+            # Without S3's own checksum only the metadata we wrote would vouch for the bytes.
+            raise VerificationFailed(f"{key}: S3 reports no SHA-256 checksum for the object")
+        if reported.split("-", 1)[0] != expected:
             raise VerificationFailed(f"{key}: S3 checksum {reported} does not match {expected}")
 
     def exists(self, key: str) -> bool:

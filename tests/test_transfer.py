@@ -1,0 +1,190 @@
+"""The transfer task and the state records, on real Redis and moto (and a real worker)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+
+import boto3
+import httpx
+import pytest
+
+from qproxy.config import Config
+from qproxy.devstack import Stack
+from qproxy.errors import LeaseLost, VerificationFailed
+from qproxy.node import Node
+from qproxy.remote import RemoteStore
+from qproxy.state import StateStore
+from qproxy.tasks import TransferRetry, backoff, transfer
+from tests.conftest import _stack
+
+
+class NoQueue:
+    """Commit without a job, so the test drives ``transfer`` itself (no worker races it)."""
+
+    def enqueue_transfer(self, key: str, gen: int) -> None:
+        pass
+
+
+def put_local(node: Node, data: bytes, key: str | None = None) -> str:
+    from qproxy.keys import generate_key
+
+    key = key or generate_key("f.bin")
+    node.local.ensure()
+    temp = node.local.create_temp()
+    temp.write(data)
+    temp.close()
+    node.commit(temp, key, {"filename": "f.bin", "content_type": "application/octet-stream"})
+    return key
+
+
+@pytest.fixture
+def quiet_node(stack: Stack) -> Node:
+    return Node(stack.config, queue=NoQueue())
+
+
+def s3_sha(stack: Stack, key: str) -> str:
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    return hashlib.sha256(s3.get_object(Bucket="qproxy-dev", Key=key)["Body"].read()).hexdigest()
+
+
+def test_transfer_multipart_verifies_and_is_idempotent(stack: Stack, quiet_node: Node) -> None:
+    data = os.urandom(13 * 1024 * 1024)  # three 5 MiB parts
+    key = put_local(quiet_node, data)
+    record = quiet_node.state.get(key)
+    assert record is not None and record.state == "queued"
+    assert transfer(quiet_node, key) == "remote"
+    assert s3_sha(stack, key) == hashlib.sha256(data).hexdigest()
+    after = quiet_node.state.get(key)
+    assert after is not None and after.state == "remote" and after.attempts == 1 and after.remote_at > 0
+    # A second (duplicate) run changes nothing.
+    assert transfer(quiet_node, key) == "remote"
+    again = quiet_node.state.get(key)
+    assert again is not None and again.gen == after.gen
+
+
+def test_transfer_skips_a_live_lease(quiet_node: Node) -> None:
+    key = put_local(quiet_node, b"busy")
+    record = quiet_node.state.get(key)
+    assert record is not None
+    quiet_node.state.transition(
+        key, "transferring", gen=record.gen, fields={"lease": "other", "lease_until": time.time() + 60}
+    )
+    assert transfer(quiet_node, key) == "transferring"
+    now = quiet_node.state.get(key)
+    assert now is not None and now.state == "transferring" and now.lease == "other"
+
+
+def test_expired_lease_is_taken_over(quiet_node: Node) -> None:
+    key = put_local(quiet_node, b"stale run")
+    record = quiet_node.state.get(key)
+    assert record is not None
+    quiet_node.state.transition(
+        key, "transferring", gen=record.gen, fields={"lease": "dead", "lease_until": time.time() - 1}
+    )
+    assert transfer(quiet_node, key) == "remote"
+
+
+def test_failing_s3_retries_then_fails_but_still_serves_locally(stack: Stack, quiet_node: Node) -> None:
+    broken = Node(quiet_node.config.replace(s3_bucket="no-such-bucket"), queue=NoQueue())
+    key = put_local(broken, b"cannot upload me")
+    with pytest.raises(TransferRetry):
+        transfer(broken, key, attempts_left=3)
+    record = broken.state.get(key)
+    assert record is not None and record.state == "queued"
+    assert "NoSuchBucket" in record.error
+    assert transfer(broken, key, attempts_left=1) == "failed"
+    record = broken.state.get(key)
+    assert record is not None and record.state == "failed" and record.attempts == 2
+    assert "NoSuchBucket" in record.error
+    # Failed files are still served from the local disk.
+    r = httpx.get(f"{stack.files_url}/media/{key}")
+    assert r.status_code == 200 and r.content == b"cannot upload me"
+    # ...and retryable: with S3 back, the same record goes remote.
+    assert transfer(quiet_node, key) == "remote"
+
+
+def test_missing_local_copy_fails_for_good(quiet_node: Node) -> None:
+    key = put_local(quiet_node, b"soon gone")
+    quiet_node.local.remove(key)
+    assert transfer(quiet_node, key, attempts_left=5) == "failed"
+    record = quiet_node.state.get(key)
+    assert record is not None and "missing" in record.error
+
+
+def test_verify_catches_a_corrupt_object(stack: Stack, quiet_node: Node) -> None:
+    remote = RemoteStore(stack.config)
+    data = b"original bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    remote.client.put_object(
+        Bucket="qproxy-dev", Key="corrupt/x.bin", Body=b"0riginal bytes", Metadata={"sha256": sha}
+    )
+    with pytest.raises(VerificationFailed, match="no SHA-256 checksum"):
+        remote.verify("corrupt/x.bin", size=len(data), sha256=sha)
+    remote.client.put_object(
+        Bucket="qproxy-dev",
+        Key="corrupt/y.bin",
+        Body=b"0riginal bytes",
+        Metadata={"sha256": sha},
+        ChecksumAlgorithm="SHA256",
+    )
+    with pytest.raises(VerificationFailed, match="does not match"):
+        remote.verify("corrupt/y.bin", size=len(data), sha256=sha)
+    remote.client.put_object(Bucket="qproxy-dev", Key="short/x.bin", Body=b"short", Metadata={"sha256": sha})
+    with pytest.raises(VerificationFailed, match="bytes"):
+        remote.verify("short/x.bin", size=len(data), sha256=sha)
+
+
+def test_state_compare_and_set(quiet_node: Node) -> None:
+    state: StateStore = quiet_node.state
+    key = "cas/" + os.urandom(4).hex() + ".txt"
+    gen = state.create(key, "local", {"size": 1})
+    with pytest.raises(LeaseLost):
+        state.create(key, "local", {"size": 2})  # no silent overwrite
+    gen2 = state.transition(key, "queued", gen=gen, from_states=("local",))
+    assert gen2 == gen + 1
+    with pytest.raises(LeaseLost, match="generation"):
+        state.transition(key, "transferring", gen=gen)  # stale generation
+    with pytest.raises(LeaseLost, match="state"):
+        state.transition(key, "remote", from_states=("transferring",))
+    state.transition(key, "transferring", gen=gen2, fields={"lease": "t1"})
+    with pytest.raises(LeaseLost, match="lease"):
+        state.transition(key, "remote", lease="t2")
+    assert key in state.keys_in_state("transferring")
+    assert key not in state.keys_in_state("queued")
+
+
+def test_backoff_has_jitter_and_a_cap() -> None:
+    config = Config(retry_backoff=2, retry_backoff_max=60, visibility_timeout=3600)
+    samples = [backoff(config, 3) for _ in range(200)]
+    assert all(8 <= s <= 16 for s in samples)
+    assert len(set(samples)) > 100
+    assert all(30 <= backoff(config, 20) <= 60 for _ in range(50))
+
+
+@pytest.fixture(scope="module")
+def broken_s3_stack() -> Iterator[Stack]:
+    """A stack whose bucket disappears: the real worker must retry, then give up."""
+    with _stack(QPROXY_TRANSFER_RETRIES="3", QPROXY_RETRY_BACKOFF="0.2", QPROXY_RETRY_BACKOFF_MAX="0.5") as s:
+        boto3.client("s3", endpoint_url=s.url("s3"), region_name="us-east-1").delete_bucket(Bucket="qproxy-dev")
+        yield s
+
+
+def test_worker_retries_with_backoff_then_marks_failed(broken_s3_stack: Stack) -> None:
+    stack = broken_s3_stack
+    r = httpx.post(stack.front + "/upload", files={"file": ("a.txt", b"no bucket", "text/plain")})
+    assert r.status_code == 201
+    (key,) = r.json()["keys"]
+    node = Node(stack.config)
+    deadline = time.monotonic() + 60
+    record = node.state.get(key)
+    while time.monotonic() < deadline and (record is None or record.state != "failed"):
+        time.sleep(0.2)
+        record = node.state.get(key)
+    assert record is not None and record.state == "failed", record
+    assert record.attempts == 3
+    assert "NoSuchBucket" in record.error
+    served = httpx.get(f"{stack.files_url}/media/{key}")
+    assert served.status_code == 200 and served.content == b"no bucket"
