@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import tempfile
 import time
 import uuid
@@ -216,7 +217,16 @@ def run_worker(config: Config, argv: list[str]) -> None:
     _node = Node(config)
     app = make_celery(config)
     args = ["worker", "--queues", QUEUE, "--loglevel", "INFO", *argv]
-    app.worker_main(args)
+    import click
+
+    try:
+        app.worker_main(args)
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        # Celery's own usage errors: one line, like every qproxy error.
+        print(f"qproxy worker: {exc.format_message()}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def __getattr__(name: str) -> Any:
