@@ -7,6 +7,7 @@ whatever the umask: nginx, started as root, reads them as ``nobody``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -75,10 +76,8 @@ class TempFile:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class LocalStore:
@@ -184,11 +183,9 @@ class Journal:
             raise _storage_error(exc) from exc
 
     def entries(self) -> Iterator[dict[str, Any]]:
-        try:
-            fh = open(self.path, "rb")
-        except FileNotFoundError:
+        if not self.path.exists():
             return
-        with fh:
+        with open(self.path, "rb") as fh:
             for line in fh:
                 try:
                     yield json.loads(line)

@@ -6,10 +6,12 @@ The middlewares, the resolver, the worker and the CLI all build a :class:`Node` 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,7 +44,7 @@ class StoredFile:
     size: int
     sha256: str
     url: str
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,10 +101,8 @@ class Node:
         try:
             gen = self.state.create(key, "local", record)
             self.queue.enqueue_transfer(key, gen)
-            try:
+            with contextlib.suppress(LeaseLost):  # a worker already picked it up
                 self.state.transition(key, "queued", gen=gen, from_states=("local",))
-            except LeaseLost:
-                pass  # a worker already picked it up
         except (QProxyError, OSError) as exc:
             # The file is on disk and in the journal; sweep/reconcile finish the job.
             log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import threading
 from collections import deque
@@ -143,10 +144,9 @@ class RemoteStore:
                 MultipartUpload={"Parts": parts},
             )
         except BaseException:
-            try:
+            # If this fails too, the lifecycle rule (deploy/) aborts what is left.
+            with contextlib.suppress(*ClientError):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=okey, UploadId=upload_id)
-            except ClientError:
-                pass  # the lifecycle rule and ``sweep`` abort what is left
             raise
         combined = hashlib.sha256(b"".join(base64.b64decode(p["ChecksumSHA256"]) for p in parts))
         return _b64(combined.digest())

@@ -70,19 +70,16 @@ def decide(
         return MISSING
     if record.state in ("deleted", "pending"):
         return MISSING
-    meta = {
-        "content_type": record.content_type,
-        "disposition": content_disposition(record.filename),
-    }
-    if record.state == "remote" or retry:
-        if record.state != "remote":
-            return MISSING
-        return Decision("redirect", key=key, url=remote_url(), max_age=redirect_max_age, **meta)
-    if record.state in LOCAL_STATES:
-        if record.node == node_id or not record.node_url:
-            return Decision("local", key=key, **meta)
-        return Decision("peer", key=key, peer=urlsplit(record.node_url).netloc, **meta)
-    return MISSING
+    if record.state == "remote":
+        return Decision("redirect", key=key, url=remote_url(), max_age=redirect_max_age)
+    if retry or record.state not in LOCAL_STATES:
+        # nginx found no local file although the record says local: nothing to send yet.
+        return MISSING
+    ctype, disposition = record.content_type, content_disposition(record.filename)
+    if record.node == node_id or not record.node_url:
+        return Decision("local", key=key, content_type=ctype, disposition=disposition)
+    peer = urlsplit(record.node_url).netloc
+    return Decision("peer", key=key, peer=peer, content_type=ctype, disposition=disposition)
 
 
 class Resolver:

@@ -9,6 +9,7 @@ Each node has a schedule (``qp:drop:<node>``) of local copies it may drop, and w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -222,7 +223,7 @@ class StateStore:
         return [m.decode() for m in cast(list[bytes], members)]
 
     def count(self, state: State) -> int:
-        return int(cast(int, self.redis.zcard(f"{self.prefix}s:{state}")))
+        return int(self.redis.zcard(f"{self.prefix}s:{state}"))
 
     def due_drops(self, node: str, *, now: float | None = None, limit: int = 100) -> list[str]:
         top = repr(time.time() if now is None else now)
@@ -238,12 +239,10 @@ class StateStore:
         pipe.execute()
         if gen is not None:
             # Only if nothing happened to the record meanwhile (a re-upload keeps its copy).
-            try:
+            with contextlib.suppress(LeaseLost):
                 self.transition(
                     key, "remote", gen=gen, from_states=("remote",), fields={"has_local": "0"}
                 )
-            except LeaseLost:
-                pass
 
     def ping(self) -> bool:
         try:

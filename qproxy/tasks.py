@@ -103,7 +103,9 @@ def _transfer_task(task: Task[Any, Any], key: str, gen: int = 0) -> str:
 
 
 class TransferRetry(Exception):
-    def __init__(self, cause: BaseException) -> None:
+    """This attempt failed (``cause``); the record is back in ``queued`` for another."""
+
+    def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
 

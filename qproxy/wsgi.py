@@ -24,7 +24,7 @@ log = logging.getLogger("qproxy")
 
 READ_SIZE = 256 * 1024
 _UPLOAD_METHODS = frozenset({"POST", "PUT", "PATCH"})
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
 
 def error_response(exc: QProxyError, start_response: StartResponse) -> list[bytes]:

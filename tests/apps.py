@@ -44,5 +44,7 @@ def plain_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterab
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     uploads = [u.as_dict() for u in environ.get("qproxy.uploads", [])]
     out = json.dumps({"body": body.decode("latin-1"), "uploads": uploads}).encode()
-    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))]
+    )
     return [out]

@@ -9,10 +9,20 @@ from qproxy.state import FileRecord, State
 
 
 def record(state: State, node: str = "n1", url: str = "http://10.0.0.1:8300") -> FileRecord:
-    return FileRecord(key="k.txt", state=state, gen=3, node=node, node_url=url, filename="a.txt", content_type="text/plain")
+    return FileRecord(
+        key="k.txt",
+        state=state,
+        gen=3,
+        node=node,
+        node_url=url,
+        filename="a.txt",
+        content_type="text/plain",
+    )
 
 
-def run(rec: FileRecord | None, *, retry: bool = False, exists: bool = False) -> tuple[str, str, str]:
+def run(
+    rec: FileRecord | None, *, retry: bool = False, exists: bool = False
+) -> tuple[str, str, str]:
     d = decide(
         rec,
         "k.txt",

@@ -50,12 +50,15 @@ def demo_env(tmp: Path) -> dict[str, str]:
 def test_demo_once_through_nginx(demo_tmp: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "qproxy", "demo", "--once"],
-        capture_output=True, text=True, timeout=180, env=demo_env(demo_tmp),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=demo_env(demo_tmp),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "the app received the key" in out
-    assert "-> 200 from local" in out
+    assert "-> 200 from local" in out or "the worker was faster" in out
     assert "[state] remote" in out
     assert "-> 302 http://127.0.0.1:" in out
     assert "sha256 matches the upload" in out
@@ -65,7 +68,10 @@ def test_demo_once_through_nginx(demo_tmp: Path) -> None:
 def test_demo_once_without_nginx(demo_tmp: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "qproxy", "demo", "--once", "--no-nginx"],
-        capture_output=True, text=True, timeout=180, env=demo_env(demo_tmp),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=demo_env(demo_tmp),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "standalone mode" in result.stdout
@@ -76,7 +82,10 @@ def test_demo_once_without_nginx(demo_tmp: Path) -> None:
 def test_demo_runs_until_ctrl_c(demo_tmp: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "qproxy", "demo"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=demo_env(demo_tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=demo_env(demo_tmp),
     )
     try:
         assert proc.stdout is not None
@@ -94,7 +103,9 @@ def test_demo_runs_until_ctrl_c(demo_tmp: Path) -> None:
         assert url, "".join(lines)
         page = httpx.get(url + "/")
         assert page.status_code == 200 and "qproxy demo" in page.text
-        up = httpx.post(url + "/upload", files={"file": ("page.txt", b"from the page", "text/plain")})
+        up = httpx.post(
+            url + "/upload", files={"file": ("page.txt", b"from the page", "text/plain")}
+        )
         assert up.status_code == 201
         key = up.json()["keys"][0]
         files = httpx.get(url + "/api/files").json()

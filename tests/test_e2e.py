@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,9 @@ def wait_state(stack: Stack, key: str, want: str, timeout: float = 60) -> None:
 def raw_get(port: int, path: str) -> tuple[int, bytes]:
     """A GET with the path sent exactly as given (no client-side normalisation)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode("latin-1")
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -53,12 +56,10 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@needs_nginx
-def test_round_trip(any_stack: Stack) -> None:
-    stack = any_stack
-    data = os.urandom(7 * 1024 * 1024 + 3)  # above the multipart threshold (6 MiB)
-    key = upload(stack, data, "holiday photo.jpg")
+def local_phase(stack: Stack, key: str, data: bytes) -> None:
     url = f"{stack.files_url}/media/{key}"
+    record = Node(stack.config).state.get(key)
+    assert record is not None and record.state in ("local", "queued")
     with httpx.Client(timeout=30) as client:
         # Local: nginx sends the file from disk.
         local = client.get(url)
@@ -74,8 +75,22 @@ def test_round_trip(any_stack: Stack) -> None:
         assert head.status_code == 200
         assert int(head.headers["content-length"]) == len(data)
 
-        wait_state(stack, key, "remote")
 
+@needs_nginx
+def test_round_trip(any_stack: Stack) -> None:
+    stack = any_stack
+    data = os.urandom(7 * 1024 * 1024 + 3)  # above the multipart threshold (6 MiB)
+    # The worker is paused while the file is local, so the local phase is seen for sure.
+    worker = stack.services["worker"]
+    worker.signal(signal.SIGSTOP)
+    try:
+        key = upload(stack, data, "holiday photo.jpg")
+        local_phase(stack, key, data)
+    finally:
+        worker.signal(signal.SIGCONT)
+    url = f"{stack.files_url}/media/{key}"
+    wait_state(stack, key, "remote")
+    with httpx.Client(timeout=30) as client:
         # Remote: a 302 to S3, cacheable for less than the presigned URL lives.
         remote = client.get(url)
         assert remote.status_code == 302
@@ -102,7 +117,9 @@ def test_round_trip(any_stack: Stack) -> None:
 def test_round_trip_small_file_standalone_or_nginx(stack: Stack) -> None:
     data = b"tiny file"
     key = upload(stack, data, "t.txt", "text/plain")
-    r = httpx.get(f"{stack.files_url}/media/{key}")
+    r = httpx.get(
+        f"{stack.files_url}/media/{key}", follow_redirects=True
+    )  # local or already remote
     assert r.status_code == 200 and r.content == data
     wait_state(stack, key, "remote")
     r = httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True)
@@ -118,19 +135,33 @@ def test_status_endpoint_and_cli(stack: Stack) -> None:
     assert status["filename"] == "s.txt"
     env = {**os.environ, **stack.env}
     out = subprocess.run(
-        [sys.executable, "-m", "qproxy", "status", key, "--json"], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-m", "qproxy", "status", key, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     assert '"state": "remote"' in out.stdout
-    human = subprocess.run([sys.executable, "-m", "qproxy", "status", key], capture_output=True, text=True, env=env)
+    human = subprocess.run(
+        [sys.executable, "-m", "qproxy", "status", key], capture_output=True, text=True, env=env
+    )
     assert human.returncode == 0 and "remote" in human.stdout
     missing = subprocess.run(
-        [sys.executable, "-m", "qproxy", "status", "no/such.txt"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "qproxy", "status", "no/such.txt"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert missing.returncode == 1 and "no record for no/such.txt" in missing.stderr
-    bad = subprocess.run([sys.executable, "-m", "qproxy", "status", "../x"], capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "qproxy", "status", "../x"], capture_output=True, text=True, env=env
+    )
     assert bad.returncode == 2 and "dot-only segment" in bad.stderr
     listed = subprocess.run(
-        [sys.executable, "-m", "qproxy", "ls", "--state", "remote"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "qproxy", "ls", "--state", "remote"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert key in listed.stdout
 
@@ -168,7 +199,9 @@ def test_hostile_paths_never_escape(any_stack: Stack, path: str) -> None:
     assert b"root:" not in body
 
 
-@pytest.mark.parametrize("path", [p.replace("/media/", "/resolve/", 1) for p in HOSTILE] + ["/status/..%2fx"])
+@pytest.mark.parametrize(
+    "path", [p.replace("/media/", "/resolve/", 1) for p in HOSTILE] + ["/status/..%2fx"]
+)
 def test_hostile_paths_at_the_resolver(stack: Stack, path: str) -> None:
     status, body = raw_get(stack.ports["resolver"], path)
     assert status in (400, 404), (status, body[:200])
@@ -184,7 +217,11 @@ def test_body_over_the_limit_is_413_at_nginx(stack: Stack) -> None:
 
     def chunked() -> Iterator[bytes]:
         boundary = b"qpchunk"
-        yield b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="c.bin"\r\n\r\n'
+        yield (
+            b"--"
+            + boundary
+            + b'\r\nContent-Disposition: form-data; name="file"; filename="c.bin"\r\n\r\n'
+        )
         for i in range(0, len(too_big), 1024 * 1024):
             yield too_big[i : i + 1024 * 1024]
         yield b"\r\n--" + boundary + b"--\r\n"

@@ -124,7 +124,7 @@ def test_only_fields_pass_through() -> None:
     [
         b"",
         b"garbage without any boundary",
-        b"--" + B + b"\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nno end",
+        b"--" + B + b'\r\nContent-Disposition: form-data; name="a"\r\n\r\nno end',
         b"--" + B + b"\r\nX-No-Disposition: 1\r\n\r\nvalue\r\n--" + B + b"--\r\n",
         b"--" + B + b"\r\n" + b"X-Long: " + b"a" * 40000,
     ],

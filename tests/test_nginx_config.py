@@ -31,7 +31,9 @@ def prefix() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def nginx_t(conf: Path, prefix: Path, *, user: str | None = None) -> subprocess.CompletedProcess[str]:
+def nginx_t(
+    conf: Path, prefix: Path, *, user: str | None = None
+) -> subprocess.CompletedProcess[str]:
     assert NGINX is not None
     argv = [NGINX, "-t", "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
     if user:
@@ -82,9 +84,23 @@ def test_shipped_example_passes_nginx_t(prefix: Path) -> None:
 
 def test_cli_prints_config_with_flags() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "qproxy", "nginx-config", "--mode", "auth_request",
-         "--listen", "0.0.0.0:80", "--app", "http://127.0.0.1:9000", "--resolver", "http://127.0.0.1:9100"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "qproxy",
+            "nginx-config",
+            "--mode",
+            "auth_request",
+            "--listen",
+            "0.0.0.0:80",
+            "--app",
+            "http://127.0.0.1:9000",
+            "--resolver",
+            "http://127.0.0.1:9100",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "QPROXY_LOCAL_ROOT": "/data/files", "QPROXY_MAX_UPLOAD_BYTES": "1000"},
     ).stdout
     assert "listen 0.0.0.0:80;" in out
@@ -97,7 +113,8 @@ def test_cli_prints_config_with_flags() -> None:
 def test_cli_rejects_bad_urls() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "qproxy", "nginx-config", "--app", "ftp://x"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "--app must look like http://HOST:PORT" in result.stderr

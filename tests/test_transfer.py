@@ -58,7 +58,12 @@ def test_transfer_multipart_verifies_and_is_idempotent(stack: Stack, quiet_node:
     assert transfer(quiet_node, key) == "remote"
     assert s3_sha(stack, key) == hashlib.sha256(data).hexdigest()
     after = quiet_node.state.get(key)
-    assert after is not None and after.state == "remote" and after.attempts == 1 and after.remote_at > 0
+    assert (
+        after is not None
+        and after.state == "remote"
+        and after.attempts == 1
+        and after.remote_at > 0
+    )
     # A second (duplicate) run changes nothing.
     assert transfer(quiet_node, key) == "remote"
     again = quiet_node.state.get(key)
@@ -70,7 +75,10 @@ def test_transfer_skips_a_live_lease(quiet_node: Node) -> None:
     record = quiet_node.state.get(key)
     assert record is not None
     quiet_node.state.transition(
-        key, "transferring", gen=record.gen, fields={"lease": "other", "lease_until": time.time() + 60}
+        key,
+        "transferring",
+        gen=record.gen,
+        fields={"lease": "other", "lease_until": time.time() + 60},
     )
     assert transfer(quiet_node, key) == "transferring"
     now = quiet_node.state.get(key)
@@ -82,12 +90,17 @@ def test_expired_lease_is_taken_over(quiet_node: Node) -> None:
     record = quiet_node.state.get(key)
     assert record is not None
     quiet_node.state.transition(
-        key, "transferring", gen=record.gen, fields={"lease": "dead", "lease_until": time.time() - 1}
+        key,
+        "transferring",
+        gen=record.gen,
+        fields={"lease": "dead", "lease_until": time.time() - 1},
     )
     assert transfer(quiet_node, key) == "remote"
 
 
-def test_failing_s3_retries_then_fails_but_still_serves_locally(stack: Stack, quiet_node: Node) -> None:
+def test_failing_s3_retries_then_fails_but_still_serves_locally(
+    stack: Stack, quiet_node: Node
+) -> None:
     broken = Node(quiet_node.config.replace(s3_bucket="no-such-bucket"), queue=NoQueue())
     key = put_local(broken, b"cannot upload me")
     with pytest.raises(TransferRetry):
@@ -132,7 +145,9 @@ def test_verify_catches_a_corrupt_object(stack: Stack, quiet_node: Node) -> None
     )
     with pytest.raises(VerificationFailed, match="does not match"):
         remote.verify("corrupt/y.bin", size=len(data), sha256=sha)
-    remote.client.put_object(Bucket="qproxy-dev", Key="short/x.bin", Body=b"short", Metadata={"sha256": sha})
+    remote.client.put_object(
+        Bucket="qproxy-dev", Key="short/x.bin", Body=b"short", Metadata={"sha256": sha}
+    )
     with pytest.raises(VerificationFailed, match="bytes"):
         remote.verify("short/x.bin", size=len(data), sha256=sha)
 
@@ -167,8 +182,12 @@ def test_backoff_has_jitter_and_a_cap() -> None:
 @pytest.fixture(scope="module")
 def broken_s3_stack() -> Iterator[Stack]:
     """A stack whose bucket disappears: the real worker must retry, then give up."""
-    with _stack(QPROXY_TRANSFER_RETRIES="3", QPROXY_RETRY_BACKOFF="0.2", QPROXY_RETRY_BACKOFF_MAX="0.5") as s:
-        boto3.client("s3", endpoint_url=s.url("s3"), region_name="us-east-1").delete_bucket(Bucket="qproxy-dev")
+    with _stack(
+        QPROXY_TRANSFER_RETRIES="3", QPROXY_RETRY_BACKOFF="0.2", QPROXY_RETRY_BACKOFF_MAX="0.5"
+    ) as s:
+        boto3.client("s3", endpoint_url=s.url("s3"), region_name="us-east-1").delete_bucket(
+            Bucket="qproxy-dev"
+        )
         yield s
 
 

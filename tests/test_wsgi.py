@@ -49,7 +49,12 @@ class Stream(io.RawIOBase):
 
 
 def call(
-    app: Any, body: bytes | Stream, content_type: str, *, length: int | None = None, chunked: bool = False
+    app: Any,
+    body: bytes | Stream,
+    content_type: str,
+    *,
+    length: int | None = None,
+    chunked: bool = False,
 ) -> tuple[int, dict[str, str], bytes]:
     environ: Environ = {
         "REQUEST_METHOD": "POST",
@@ -114,7 +119,11 @@ def wait_state(node: Node, key: str, want: str, timeout: float = 30) -> None:
 def test_plain_wsgi_app_gets_keys_and_files_are_stored(node: Node) -> None:
     one, two = os.urandom(300_000), b"hello"
     body, ctype = multipart(
-        {"title": "trip", "photo": file_field(one, "beach.jpg", "image/jpeg"), "doc": file_field(two, "a.txt")}
+        {
+            "title": "trip",
+            "photo": file_field(one, "beach.jpg", "image/jpeg"),
+            "doc": file_field(two, "a.txt"),
+        }
     )
     status, _, out = call(UploadMiddleware(plain_app, node=node), body, ctype)
     assert status == 200
@@ -189,7 +198,10 @@ def never_called(environ: Environ, start_response: Any) -> Iterable[bytes]:
 @pytest.mark.parametrize(
     "body, ctype",
     [
-        (b"--xyz\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a\"\r\n\r\ntrunc", "multipart/form-data; boundary=xyz"),
+        (
+            b'--xyz\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\ntrunc',
+            "multipart/form-data; boundary=xyz",
+        ),
         (b"no boundary here", "multipart/form-data; boundary=xyz"),
         (b"", "multipart/form-data"),
         (b"--xyz\r\nBroken-Header\r\n\r\nv\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz"),
@@ -230,14 +242,20 @@ def test_length_is_required(node: Node) -> None:
 
 @pytest.mark.parametrize(
     "filename",
-    ["../../etc/passwd", "a\r\nX-Accel-Redirect: /x", "", "n" * 10_000, "\u00fcber caf\u00e9 \u65e5\u672c.png"],
+    [
+        "../../etc/passwd",
+        "a\r\nX-Accel-Redirect: /x",
+        "",
+        "n" * 10_000,
+        "\u00fcber caf\u00e9 \u65e5\u672c.png",
+    ],
     ids=["traversal", "header-injection", "empty", "10k", "non-ascii"],
 )
 def test_hostile_filenames_get_safe_keys(node: Node, filename: str) -> None:
     # RFC 5987 filename*: any character, CR and LF included, reaches the parser intact.
     encoded = urllib.parse.quote(filename, safe="")
     body = (
-        "--b0\r\nContent-Disposition: form-data; name=\"file\"; "
+        '--b0\r\nContent-Disposition: form-data; name="file"; '
         f"filename*=UTF-8''{encoded}\r\n\r\npayload\r\n--b0--\r\n"
     ).encode()
     ctype = "multipart/form-data; boundary=b0"
@@ -276,7 +294,9 @@ def test_memory_stays_flat_for_a_large_upload(node: Node) -> None:
         yield tail
 
     def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
-        start_response("400 Bad Request", [("Content-Type", "text/plain")])  # discard: keep disk tidy
+        start_response(
+            "400 Bad Request", [("Content-Type", "text/plain")]
+        )  # discard: keep disk tidy
         return [b"x"]
 
     tracemalloc.start()
