@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck pytest bench system-deps clean
+.PHONY: demo test lint typecheck pytest system-deps clean
 
 ## system-deps: Debian's redis-server and nginx (installed when run as root and absent)
 system-deps:
@@ -33,17 +33,14 @@ demo: system-deps $(STAMP)
 test: system-deps $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check qproxy tests bench examples
-	$(BIN)/ruff format --check qproxy tests bench examples
+	$(BIN)/ruff check qproxy tests
+	$(BIN)/ruff format --check qproxy tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
 	$(BIN)/pytest
-
-bench: system-deps $(STAMP)
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
