@@ -255,3 +255,26 @@ def test_local_copy_dropped_only_after_keep_period(stack: Stack) -> None:
     assert record is not None and record.state == "remote" and not record.has_local
     r = httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True)
     assert r.content == b"keep me a while"
+
+
+def test_put_stores_a_file_like_an_upload(stack: Stack, tmp_path: os.PathLike[str]) -> None:
+    source = os.path.join(tmp_path, "report 2026.pdf")
+    data = os.urandom(100_000)
+    with open(source, "wb") as fh:
+        fh.write(data)
+    env = {**os.environ, **stack.env}
+    out = subprocess.run(
+        [sys.executable, "-m", "qproxy", "put", source],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    key = out.stdout.strip()
+    assert key.endswith(".pdf")
+    wait_state(stack, key, "remote")
+    record = Node(stack.config).state.get(key)
+    assert record is not None and record.filename == "report 2026.pdf"
+    assert record.content_type == "application/pdf"
+    served = httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True)
+    assert sha(served.content) == sha(data)

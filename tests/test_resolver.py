@@ -95,9 +95,9 @@ def test_blob_urls_are_signed_and_expire(stack: Stack, quiet_node: Node) -> None
         assert client.get("/internal/blob/..%2Fx?exp=1&sig=x").status_code == 404
 
 
-def test_a_file_on_another_node_is_proxied_through_nginx(stack: Stack, quiet_node: Node) -> None:
-    if not stack.use_nginx:
-        pytest.skip("nginx is not installed")
+def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> None:
+    stack = any_stack
+    quiet_node = Node(stack.config, queue=NoQueue())
     # A second node: its own disk and resolver; its record points at it.
     other_root = Path(stack.dir) / "node2-files"
     port = free_port()
@@ -123,8 +123,14 @@ def test_a_file_on_another_node_is_proxied_through_nginx(stack: Stack, quiet_nod
             lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200,
         )
         # Node 1's resolver says "peer"; node 1's nginx proxies from node 2's blob endpoint.
-        decision = httpx.get(f"{stack.url('resolver')}/resolve/{key}")
-        target = decision.headers["x-accel-redirect"]
+        if stack.mode == "x-accel":
+            decision = httpx.get(f"{stack.url('resolver')}/resolve/{key}")
+            target = decision.headers["x-accel-redirect"]
+        else:
+            original = {"X-Original-URI": f"/media/{key}"}
+            target = httpx.get(f"{stack.url('resolver')}/auth", headers=original).headers[
+                "x-qp-peer"
+            ]
         assert target.startswith(f"/_qp/peer/127.0.0.1:{port}/{key}?")
         assert "sig" in parse_qs(urlsplit(target).query)
         served = httpx.get(f"{stack.files_url}/media/{key}")
