@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import boto3
 import httpx
 import pytest
+import redis
 
 from qproxy.devstack import Stack
 from qproxy.node import Node, drop_local_copies
@@ -278,3 +279,23 @@ def test_put_stores_a_file_like_an_upload(stack: Stack, tmp_path: os.PathLike[st
     assert record.content_type == "application/pdf"
     served = httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True)
     assert sha(served.content) == sha(data)
+
+
+def test_one_redis_round_trip_per_resolve(stack: Stack) -> None:
+    key = upload(stack, b"count my queries", "q.txt", "text/plain")
+    wait_state(stack, key, "remote")
+    client = redis.Redis.from_url(stack.config.redis_url)
+    seen: list[str] = []
+    with client.monitor() as monitor:
+        # MONITOR echoes every command the server runs; the request's lookups name the key.
+        r = httpx.get(f"{stack.url('resolver')}/resolve/{key}")
+        assert r.status_code == 302
+        marker = "qp-monitor-end"
+        client.get(marker)
+        for event in monitor.listen():
+            if marker in event["command"]:
+                break
+            if key in event["command"]:
+                seen.append(event["command"])
+    assert len(seen) == 1, seen
+    assert seen[0].startswith("HGETALL")
