@@ -180,7 +180,9 @@ def run_demo(*, once: bool, use_nginx: bool | None, mode: str, base: Path | None
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    # Installed explicitly: a demo started from a script may inherit an ignored SIGINT.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         stack.start()
         for name, service in stack.services.items():
