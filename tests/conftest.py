@@ -7,8 +7,7 @@ end; tests that change state use fresh keys, so they do not interfere.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,14 +73,6 @@ def any_stack(request: pytest.FixtureRequest) -> Stack:
 
 
 @pytest.fixture
-def local_root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="qproxy-test-"))
-    os.chmod(path, 0o755)
-    yield path / "files"
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def node(stack: Stack) -> Node:
     """A node in the test process, on the session stack's Redis, S3, queue and local root,
     so the stack's real worker transfers what it commits."""
@@ -91,3 +82,15 @@ def node(stack: Stack) -> Node:
 @pytest.fixture
 def config(node: Node) -> Config:
     return node.config
+
+
+def wait_state(node: Node, key: str, want: str, timeout: float = 60) -> None:
+    """Poll the record until it reaches ``want`` (the worker runs in another process)."""
+    deadline = time.monotonic() + timeout
+    record = None
+    while time.monotonic() < deadline:
+        record = node.state.get(key)
+        if record is not None and record.state == want:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{key} never reached {want}: {record}")

@@ -19,6 +19,7 @@ import redis
 from qproxy.devstack import Stack
 from qproxy.node import Node, drop_local_copies
 from tests.conftest import MAX_UPLOAD, needs_nginx
+from tests.conftest import wait_state as wait_for_state
 
 
 def upload(stack: Stack, data: bytes, name: str = "photo.jpg", ctype: str = "image/jpeg") -> str:
@@ -29,15 +30,7 @@ def upload(stack: Stack, data: bytes, name: str = "photo.jpg", ctype: str = "ima
 
 
 def wait_state(stack: Stack, key: str, want: str, timeout: float = 60) -> None:
-    node = Node(stack.config)
-    deadline = time.monotonic() + timeout
-    record = None
-    while time.monotonic() < deadline:
-        record = node.state.get(key)
-        if record is not None and record.state == want:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{key} never reached {want}: {record}")
+    wait_for_state(Node(stack.config), key, want, timeout)
 
 
 def raw_get(port: int, path: str) -> tuple[int, bytes]:

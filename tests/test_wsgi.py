@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import tempfile
-import time
 import tracemalloc
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -22,6 +21,7 @@ from werkzeug.test import encode_multipart
 from qproxy.node import Node
 from qproxy.wsgi import UploadMiddleware
 from tests.apps import flask_app, plain_app
+from tests.conftest import wait_state
 
 Environ = dict[str, Any]
 
@@ -104,16 +104,6 @@ def file_field(data: bytes, name: str, ctype: str = "application/octet-stream") 
 
 def temp_files(node: Node) -> list[Path]:
     return list(node.local.pending_files())
-
-
-def wait_state(node: Node, key: str, want: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = node.state.get(key)
-        if record is not None and record.state == want:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{key} never reached {want}: {node.state.get(key)}")
 
 
 def test_plain_wsgi_app_gets_keys_and_files_are_stored(node: Node) -> None:
