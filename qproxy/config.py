@@ -63,6 +63,7 @@ class Config:
     janitor_interval: float = 10.0
     drop_grace_seconds: float = 5.0
     standalone: bool = False
+    raw_upload_paths: str = ""  # comma-separated globs, e.g. "/api/files/*,/upload/raw/*"
 
     def __post_init__(self) -> None:
         if not self.public_path.startswith("/") or not self.public_path.endswith("/"):
@@ -89,6 +90,11 @@ class Config:
     @property
     def broker(self) -> str:
         return self.broker_url or self.redis_url
+
+    @property
+    def raw_paths(self) -> tuple[str, ...]:
+        """Paths whose non-multipart PUT/POST bodies are stored as one file."""
+        return tuple(p.strip() for p in self.raw_upload_paths.split(",") if p.strip())
 
     @property
     def redirect_max_age(self) -> int:

@@ -8,16 +8,18 @@ file's key. No sockets, files, Redis or S3 here: the WSGI and ASGI adapters do t
 
 from __future__ import annotations
 
+import fnmatch
 import mimetypes
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 from werkzeug.sansio import multipart as mp
 
-from qproxy.errors import MalformedUpload, UploadTooLarge
+from qproxy.errors import LengthRequired, MalformedUpload, QProxyError, UploadTooLarge
 from qproxy.keys import generate_key
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -256,3 +258,144 @@ class MultipartRewriter:
         if self._form_bytes > self.max_form_memory:
             raise UploadTooLarge(f"form fields larger than {self.max_form_memory} bytes")
         self._body += data
+
+
+class RawBodyRewriter:
+    """A non-multipart body stored whole as one file; the app then sees an empty body."""
+
+    def __init__(
+        self,
+        *,
+        field: str,
+        filename: str,
+        content_type: str,
+        max_body: int,
+        make_key: Callable[[str | None], str] = generate_key,
+    ) -> None:
+        self.max_body = max_body
+        self.received = 0
+        self.start = FileStart(
+            field=field,
+            key=make_key(filename),
+            filename=filename,
+            content_type=clean_content_type(content_type, filename),
+        )
+        self._started = False
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def key(self) -> str:
+        return self.start.key
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self._done:
+            if data:
+                raise MalformedUpload("data after the end of the body")
+            return []
+        self.received += len(data)
+        if self.received > self.max_body:
+            raise UploadTooLarge(f"upload larger than {self.max_body} bytes")
+        events: list[Event] = []
+        if not self._started:
+            self._started = True
+            events.append(self.start)
+        if data:
+            events.append(FileData(data))
+        else:
+            events.append(FileEnd(keep=True))
+            self._done = True
+        return events
+
+    def body(self) -> bytes:
+        return b""
+
+
+Rewriter = MultipartRewriter | RawBodyRewriter
+
+UPLOAD_METHODS = frozenset({"POST", "PUT", "PATCH"})
+RAW_METHODS = frozenset({"POST", "PUT"})
+KEY_HEADER = "X-QProxy-Key"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body: int
+    max_parts: int
+    max_form_memory: int
+
+
+def plan_upload(
+    *,
+    method: str,
+    path: str,
+    content_type: str | None,
+    content_disposition: str | None,
+    raw_paths: tuple[str, ...],
+    limits: Limits,
+) -> Rewriter | None:
+    """What to do with a request: rewrite a multipart form, store a raw body, or nothing.
+
+    Raises :class:`MalformedUpload` for multipart/form-data without a usable boundary.
+    """
+    if method not in UPLOAD_METHODS:
+        return None
+    boundary = multipart_boundary(content_type)
+    if boundary is not None:
+        return MultipartRewriter(
+            boundary,
+            max_body=limits.max_body,
+            max_parts=limits.max_parts,
+            max_form_memory=limits.max_form_memory,
+        )
+    if method in RAW_METHODS and any(fnmatch.fnmatchcase(path, pattern) for pattern in raw_paths):
+        filename = ""
+        if content_disposition:
+            _, options = parse_options_header(content_disposition)
+            filename = options.get("filename", "")
+        if not filename:
+            filename = unquote(path.rstrip("/").rsplit("/", 1)[-1])
+        return RawBodyRewriter(
+            field="body",
+            filename=clean_filename(filename),
+            content_type=content_type or "",
+            max_body=limits.max_body,
+        )
+    return None
+
+
+def check_length(content_length: str | None, *, chunked: bool, max_body: int) -> int | None:
+    """The body's declared length (None when chunked), refusing what cannot be accepted."""
+    if content_length:
+        try:
+            length = int(content_length)
+        except ValueError:
+            raise LengthRequired("invalid Content-Length") from None
+        if length < 0:
+            raise LengthRequired("invalid Content-Length")
+        if length > max_body:
+            raise UploadTooLarge(f"upload larger than {max_body} bytes")
+        return length
+    if chunked:
+        return None
+    raise LengthRequired("a Content-Length is required for uploads")
+
+
+def error_response(exc: QProxyError) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body of the answer to a refused upload."""
+    body = (exc.reason + "\n").encode()
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        # The rest of the body may be unread: the connection cannot be reused.
+        ("Connection", "close"),
+    ]
+    return exc.status, headers, body
+
+
+def should_commit(status: int) -> bool:
+    """The app accepted the request: keep its files."""
+    return status < 400

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from qproxy.config import Config
 from qproxy.errors import LeaseLost, QProxyError
-from qproxy.intercept import FileData, FileEnd, FileStart, MultipartRewriter
+from qproxy.intercept import (
+    FileData,
+    FileEnd,
+    FileStart,
+    Limits,
+    RawBodyRewriter,
+    Rewriter,
+    plan_upload,
+)
 from qproxy.local import LocalStore, TempFile
 from qproxy.state import StateStore
 
@@ -79,8 +87,28 @@ class Node:
     def url_for(self, key: str) -> str:
         return self.config.public_path + key
 
-    def intake(self, boundary: bytes) -> Intake:
-        return Intake(self, boundary)
+    def intake(
+        self,
+        *,
+        method: str,
+        path: str,
+        content_type: str | None,
+        content_disposition: str | None = None,
+    ) -> Intake | None:
+        """An :class:`Intake` if the request carries uploads, else None (pass it through).
+
+        Raises :class:`qproxy.errors.MalformedUpload` for a multipart type without boundary.
+        """
+        cfg = self.config
+        rewriter = plan_upload(
+            method=method,
+            path=path,
+            content_type=content_type,
+            content_disposition=content_disposition,
+            raw_paths=cfg.raw_paths,
+            limits=Limits(cfg.max_upload_bytes, cfg.max_parts, cfg.max_form_memory),
+        )
+        return None if rewriter is None else Intake(self, rewriter)
 
     def commit(self, temp: TempFile, key: str, fields: dict[str, Any]) -> None:
         """Make an accepted file durable, record it and queue its transfer.
@@ -113,15 +141,9 @@ class Node:
 class Intake:
     """The uploads of one request: bytes in, files on disk, then commit or discard."""
 
-    def __init__(self, node: Node, boundary: bytes) -> None:
-        cfg = node.config
+    def __init__(self, node: Node, rewriter: Rewriter) -> None:
         self.node = node
-        self.rewriter = MultipartRewriter(
-            boundary,
-            max_body=cfg.max_upload_bytes,
-            max_parts=cfg.max_parts,
-            max_form_memory=cfg.max_form_memory,
-        )
+        self.rewriter = rewriter
         self.files: list[StoredFile] = []
         self._temps: list[tuple[StoredFile, TempFile]] = []
         self._current: tuple[FileStart, TempFile] | None = None
@@ -157,7 +179,13 @@ class Intake:
                 self._temps.append((stored, temp))
 
     def body(self) -> bytes:
+        """What the app reads as the request body (the rewritten form, or nothing)."""
         return self.rewriter.body()
+
+    @property
+    def raw_key(self) -> str | None:
+        """The key of a raw-body upload (sent to the app in ``X-QProxy-Key``)."""
+        return self.rewriter.key if isinstance(self.rewriter, RawBodyRewriter) else None
 
     def commit(self) -> None:
         """The app accepted the request: make every file durable and queue it."""

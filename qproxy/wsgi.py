@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from qproxy.config import Config
-from qproxy.errors import LengthRequired, QProxyError, UploadTooLarge
-from qproxy.intercept import multipart_boundary
+from qproxy.errors import QProxyError
+from qproxy.intercept import KEY_HEADER, check_length, error_response, should_commit
 from qproxy.node import Intake, Node
 
 if TYPE_CHECKING:
@@ -23,28 +24,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("qproxy")
 
 READ_SIZE = 256 * 1024
-_UPLOAD_METHODS = frozenset({"POST", "PUT", "PATCH"})
+KEY_ENVIRON = "HTTP_" + KEY_HEADER.upper().replace("-", "_")
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
 
-def error_response(exc: QProxyError, start_response: StartResponse) -> list[bytes]:
-    from http import HTTPStatus
-
-    body = (exc.reason + "\n").encode()
-    start_response(
-        f"{exc.status} {HTTPStatus(exc.status).phrase}",
-        [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(body))),
-            # The rest of the body may be unread: don't let the client reuse the connection.
-            ("Connection", "close"),
-        ],
-    )
+def _refuse(exc: QProxyError, start_response: StartResponse) -> list[bytes]:
+    status, headers, body = error_response(exc)
+    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
     return [body]
 
 
 class UploadMiddleware:
-    """Streams file parts of multipart/form-data requests to the local store."""
+    """Streams uploads (multipart file parts, raw bodies) to the local store."""
 
     def __init__(
         self, app: WSGIApplication, config: Config | None = None, *, node: Node | None = None
@@ -54,22 +45,26 @@ class UploadMiddleware:
         self.config = self.node.config
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("REQUEST_METHOD", "GET") not in _UPLOAD_METHODS:
-            return self.app(environ, start_response)
+        # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.
+        environ.pop(KEY_ENVIRON, None)
         try:
-            boundary = multipart_boundary(environ.get("CONTENT_TYPE"))
+            intake = self.node.intake(
+                method=environ.get("REQUEST_METHOD", "GET"),
+                path=environ.get("PATH_INFO", ""),
+                content_type=environ.get("CONTENT_TYPE"),
+                content_disposition=environ.get("HTTP_CONTENT_DISPOSITION"),
+            )
         except QProxyError as exc:
-            return error_response(exc, start_response)
-        if boundary is None:
+            return _refuse(exc, start_response)
+        if intake is None:
             return self.app(environ, start_response)
 
-        intake = self.node.intake(boundary)
         try:
             self._read_body(environ, intake)
         except QProxyError as exc:
             intake.discard()
             log.info("qproxy: upload refused (%s): %s", exc.status, exc.reason)
-            return error_response(exc, start_response)
+            return _refuse(exc, start_response)
         except BaseException:
             intake.discard()
             raise
@@ -80,24 +75,17 @@ class UploadMiddleware:
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["wsgi.input_terminated"] = False
         environ["qproxy.uploads"] = intake.files
+        if intake.raw_key is not None:
+            environ[KEY_ENVIRON] = intake.raw_key
         return _Settle(self.app, environ, start_response, intake)
 
     def _read_body(self, environ: WSGIEnvironment, intake: Intake) -> None:
         stream = environ["wsgi.input"]
-        length_header = environ.get("CONTENT_LENGTH") or ""
-        if length_header:
-            try:
-                remaining: int | None = int(length_header)
-            except ValueError:
-                raise LengthRequired("invalid Content-Length") from None
-            if remaining is None or remaining < 0:
-                raise LengthRequired("invalid Content-Length")
-            if remaining > self.config.max_upload_bytes:
-                raise UploadTooLarge(f"upload larger than {self.config.max_upload_bytes} bytes")
-        elif environ.get("wsgi.input_terminated"):
-            remaining = None  # chunked: the server ends the stream
-        else:
-            raise LengthRequired("a Content-Length is required for uploads")
+        remaining = check_length(
+            environ.get("CONTENT_LENGTH"),
+            chunked=bool(environ.get("wsgi.input_terminated")),
+            max_body=self.config.max_upload_bytes,
+        )
         while remaining is None or remaining > 0:
             want = READ_SIZE if remaining is None else min(READ_SIZE, remaining)
             chunk = stream.read(want)
@@ -139,9 +127,11 @@ class _Settle:
         return self._start_response(status, headers, exc_info)
 
     def _settle_if_known(self) -> None:
+        # Settled before the first byte of the response leaves: a client that sees a 2xx
+        # can rely on its files being committed.
         if self.status is None:
             return
-        if self.status < 400:
+        if should_commit(self.status):
             self.intake.commit()
         else:
             self.intake.discard()
@@ -152,7 +142,7 @@ class _Settle:
                 self._settle_if_known()
                 yield chunk
         except BaseException:
-            if self.status is None or self.status >= 400:
+            if self.status is None or not should_commit(self.status):
                 self.intake.discard()
             raise
         self._settle_if_known()
@@ -165,7 +155,7 @@ class _Settle:
             if close is not None:
                 close()
         finally:
-            if self.status is not None and self.status < 400:
+            if self.status is not None and should_commit(self.status):
                 self.intake.commit()
             else:
                 self.intake.discard()

@@ -1,0 +1,157 @@
+"""ASGI middleware: ``app = UploadMiddleware(app)``.
+
+The same engine as the WSGI middleware (:class:`qproxy.node.Intake`); only the I/O
+differs. Parsing, disk writes and commits run in a worker thread, so a large upload never
+blocks the event loop; the app sees the rewritten form once the files are on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio.to_thread
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qproxy.config import Config
+from qproxy.errors import QProxyError
+from qproxy.intercept import KEY_HEADER, check_length, error_response, should_commit
+from qproxy.node import Intake, Node
+
+log = logging.getLogger("qproxy")
+
+# Body messages are gathered up to this size before one hop to the worker thread.
+FEED_SIZE = 1024 * 1024
+_KEY = KEY_HEADER.lower().encode()
+_DROP = frozenset({b"content-length", b"transfer-encoding", _KEY})
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the whole body arrived."""
+
+
+class UploadMiddleware:
+    """Streams uploads (multipart file parts, raw bodies) to the local store."""
+
+    def __init__(
+        self, app: ASGIApp, config: Config | None = None, *, node: Node | None = None
+    ) -> None:
+        self.app = app
+        self.node = node or Node(config)
+        self.config = self.node.config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw_headers: list[tuple[bytes, bytes]] = list(scope.get("headers", []))
+        # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.
+        if any(name == _KEY for name, _ in raw_headers):
+            raw_headers = [(n, v) for n, v in raw_headers if n != _KEY]
+            scope = {**scope, "headers": raw_headers}
+        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in raw_headers}
+        try:
+            intake = self.node.intake(
+                method=scope["method"],
+                path=scope["path"],
+                content_type=headers.get("content-type"),
+                content_disposition=headers.get("content-disposition"),
+            )
+            if intake is not None:
+                check_length(
+                    headers.get("content-length"),
+                    chunked=True,
+                    max_body=self.config.max_upload_bytes,
+                )
+        except QProxyError as exc:
+            await _refuse(exc, send)
+            return
+        if intake is None:
+            await self.app(scope, receive, send)
+            return
+
+        try:
+            await self._read_body(receive, intake)
+        except QProxyError as exc:
+            await anyio.to_thread.run_sync(intake.discard)
+            log.info("qproxy: upload refused (%s): %s", exc.status, exc.reason)
+            await _refuse(exc, send)
+            return
+        except ClientDisconnected:
+            await anyio.to_thread.run_sync(intake.discard)
+            return
+        except BaseException:
+            await anyio.to_thread.run_sync(intake.discard)
+            raise
+
+        body = intake.body()
+        new_headers = [(n, v) for n, v in raw_headers if n not in _DROP]
+        new_headers.append((b"content-length", str(len(body)).encode()))
+        if intake.raw_key is not None:
+            new_headers.append((_KEY, intake.raw_key.encode()))
+        app_scope = {**scope, "headers": new_headers, "qproxy.uploads": intake.files}
+        await _Settle(intake, body, receive, send).run(self.app, app_scope)
+
+    async def _read_body(self, receive: Receive, intake: Intake) -> None:
+        pending = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            pending += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if len(pending) >= FEED_SIZE or (pending and not more):
+                chunk = bytes(pending)
+                pending.clear()
+                await anyio.to_thread.run_sync(intake.feed, chunk)
+            if not more:
+                break
+        await anyio.to_thread.run_sync(intake.feed, b"")
+
+
+class _Settle:
+    """Runs the app on the rewritten body; commits or discards at ``http.response.start``."""
+
+    def __init__(self, intake: Intake, body: bytes, receive: Receive, send: Send) -> None:
+        self.intake = intake
+        self.body: bytes | None = body
+        self._receive = receive
+        self._send = send
+        self.settled = False
+
+    async def receive(self) -> Message:
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self._receive()  # after the body: wait for the disconnect
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and not self.settled:
+            # Settled before the status leaves: a client that sees a 2xx can rely on its
+            # files being committed.
+            self.settled = True
+            if should_commit(int(message["status"])):
+                await anyio.to_thread.run_sync(self.intake.commit)
+            else:
+                await anyio.to_thread.run_sync(self.intake.discard)
+        await self._send(message)
+
+    async def run(self, app: ASGIApp, scope: dict[str, Any]) -> None:
+        try:
+            await app(scope, self.receive, self.send)
+        finally:
+            if not self.settled:
+                self.settled = True
+                await anyio.to_thread.run_sync(self.intake.discard)
+
+
+async def _refuse(exc: QProxyError, send: Send) -> None:
+    status, headers, body = error_response(exc)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(n.lower().encode(), v.encode()) for n, v in headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
