@@ -1,0 +1,79 @@
+"""ASGI apps the tests run under real uvicorn, wrapped in qproxy's ASGI middleware."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import FastAPI, Form
+from fastapi import Request as FastAPIRequest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from qproxy.asgi import UploadMiddleware
+
+LIFESPAN = {"started": False}
+
+
+async def upload(request: Request) -> Response:
+    form = await request.form()
+    uploads = request.scope.get("qproxy.uploads", [])
+    status = int(str(form.get("status", "201")))
+    return JSONResponse(
+        {
+            "keys": [str(v) for v in form.getlist("file")],
+            "form": {k: [str(v) for v in form.getlist(k)] for k in form},
+            "uploads": [u.as_dict() for u in uploads],
+        },
+        status_code=status,
+    )
+
+
+async def ping(request: Request) -> Response:
+    return PlainTextResponse("pong")
+
+
+async def lifespan_ran(request: Request) -> Response:
+    return PlainTextResponse(str(LIFESPAN["started"]))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    LIFESPAN["started"] = True
+    yield
+
+
+def starlette_app() -> ASGIApp:
+    app = Starlette(
+        routes=[
+            Route("/upload", upload, methods=["POST"]),
+            Route("/ping", ping),
+            Route("/", ping),
+            Route("/lifespan", lifespan_ran),
+        ],
+        lifespan=lifespan,
+    )
+    return UploadMiddleware(app)
+
+
+def fastapi_app() -> ASGIApp:
+    app = FastAPI()
+
+    @app.get("/")
+    async def index() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.post("/upload", status_code=201)
+    async def upload_files(
+        request: FastAPIRequest,
+        file: Annotated[list[str], Form()],
+        title: Annotated[str, Form()] = "",
+    ) -> dict[str, object]:
+        uploads = request.scope.get("qproxy.uploads", [])
+        return {"keys": file, "title": title, "uploads": [u.as_dict() for u in uploads]}
+
+    return UploadMiddleware(app)
