@@ -64,6 +64,8 @@ class Config:
     drop_grace_seconds: float = 5.0
     standalone: bool = False
     raw_upload_paths: str = ""  # comma-separated globs, e.g. "/api/files/*,/upload/raw/*"
+    on_transferred: str = ""  # dotted path of a callable(record: dict), run in the worker
+    on_failed: str = ""
 
     def __post_init__(self) -> None:
         if not self.public_path.startswith("/") or not self.public_path.endswith("/"):
@@ -109,8 +111,14 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
-        """Read ``QPROXY_*`` variables; ``QPROXY_CONFIG`` names a TOML file read first."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, overrides: Mapping[str, Any] | None = None
+    ) -> Config:
+        """Read ``QPROXY_*`` variables; ``QPROXY_CONFIG`` names a TOML file read first.
+
+        ``overrides`` (setting names, with or without the ``QPROXY_`` prefix, any case) win
+        over both: framework settings such as Django's ``QPROXY = {...}`` come in here.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         toml_path = env.get("QPROXY_CONFIG")
@@ -129,6 +137,11 @@ class Config:
             raw = env.get("QPROXY_" + name.upper())
             if raw is not None and raw != "":
                 values[name] = _convert(name, raw)
+        for raw_name, value in (overrides or {}).items():
+            name = raw_name.lower().removeprefix("qproxy_")
+            if name not in _FIELDS:
+                raise ConfigError(f"unknown qproxy setting {raw_name!r}")
+            values[name] = _convert(name, value)
         return cls(**values)
 
     def describe(self) -> dict[str, Any]:

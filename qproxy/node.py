@@ -40,6 +40,8 @@ class TransferQueue(Protocol):
 
     def enqueue_transfer(self, key: str, gen: int) -> None: ...
 
+    def enqueue_delete(self, key: str, gen: int) -> None: ...
+
 
 @dataclass(frozen=True)
 class StoredFile:
@@ -110,8 +112,12 @@ class Node:
         )
         return None if rewriter is None else Intake(self, rewriter)
 
-    def commit(self, temp: TempFile, key: str, fields: dict[str, Any]) -> None:
+    def commit(
+        self, temp: TempFile, key: str, fields: dict[str, Any], *, enqueue: bool = True
+    ) -> None:
         """Make an accepted file durable, record it and queue its transfer.
+
+        With ``enqueue=False`` the record stays ``local`` until :meth:`enqueue` is called.
 
         Order matters: the file is renamed into place and journalled (fsynced) before Redis
         hears of it, so a Redis outage or crash never loses an accepted file.
@@ -128,14 +134,46 @@ class Node:
         self.local.journal.append({"op": "commit", "key": key, "ts": time.time(), **record})
         try:
             gen = self.state.create(key, "local", record)
-            self.queue.enqueue_transfer(key, gen)
-            with contextlib.suppress(LeaseLost):  # a worker already picked it up
-                self.state.transition(key, "queued", gen=gen, from_states=("local",))
+            if enqueue:
+                self._enqueue(key, gen)
         except (QProxyError, OSError) as exc:
             # The file is on disk and in the journal; sweep/reconcile finish the job.
             log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)
         except Exception as exc:  # kombu/celery raise their own connection errors
             log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)
+
+    def _enqueue(self, key: str, gen: int) -> None:
+        self.queue.enqueue_transfer(key, gen)
+        with contextlib.suppress(LeaseLost):  # a worker already picked it up
+            self.state.transition(key, "queued", gen=gen, from_states=("local",))
+
+    def enqueue(self, key: str) -> bool:
+        """Queue the transfer of a committed file (again). False if there is nothing to do."""
+        record = self.state.get(key)
+        if record is None or record.state in ("remote", "deleted", "pending"):
+            return False
+        self._enqueue(key, record.gen)
+        return True
+
+    def delete(self, key: str) -> bool:
+        """Mark ``key`` deleted at once (the resolver answers 404 from now on) and remove its
+        copies in the background: S3's by a worker, the local one by its node's janitor."""
+        record = self.state.get(key)
+        if record is None:
+            return self.local.remove(key) if self.local.exists(key) else False
+        if record.state == "deleted":
+            return False
+        now = time.time()
+        self.local.journal.append({"op": "delete", "key": key, "ts": now})
+        gen = self.state.transition(
+            key,
+            "deleted",
+            gen=record.gen,
+            fields={"lease": "", "lease_until": ""},
+            drop=(record.node, now) if record.has_local else None,
+        )
+        self.queue.enqueue_delete(key, gen)
+        return True
 
 
 class Intake:
@@ -231,7 +269,7 @@ def drop_local_copies(node: Node, *, now: float | None = None, limit: int = 500)
         record = state.get(key)
         if record is not None and record.state not in ("remote", "deleted"):
             # Re-uploaded under the same key since: the new local file is the only copy.
-            state.drop_done(node.config.node_id, key, gen=None)
+            state.drop_done(node.config.node_id, key, None)
             continue
         try:
             if node.local.remove(key):
@@ -239,9 +277,5 @@ def drop_local_copies(node: Node, *, now: float | None = None, limit: int = 500)
         except (OSError, QProxyError) as exc:
             log.warning("qproxy janitor: cannot remove %s: %s", key, exc)
             continue
-        state.drop_done(
-            node.config.node_id,
-            key,
-            gen=record.gen if record is not None and record.state == "remote" else None,
-        )
+        state.drop_done(node.config.node_id, key, record)
     return removed

@@ -74,6 +74,15 @@ if ARGV[8] ~= '' then redis.call('ZADD', ARGV[1] .. 'drop:' .. ARGV[8], ARGV[9],
 return {1, gen}
 """
 
+# A deleted record goes once neither a local nor a remote copy is left.
+_FORGET = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'has_local', 'has_remote')
+if h[1] ~= 'deleted' or h[2] == '1' or h[3] == '1' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', ARGV[1] .. 's:deleted', ARGV[2])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class FileRecord:
@@ -96,6 +105,7 @@ class FileRecord:
     lease_until: float = 0.0
     remote_at: float = 0.0
     has_local: bool = True
+    has_remote: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -119,6 +129,7 @@ class FileRecord:
             lease_until=float(h.get("lease_until", 0) or 0),
             remote_at=float(h.get("remote_at", 0) or 0),
             has_local=h.get("has_local", "1") == "1",
+            has_remote=h.get("has_remote", "0") == "1",
             meta=json.loads(h["meta"]) if h.get("meta") else {},
         )
 
@@ -136,6 +147,7 @@ class StateStore:
         self.prefix = prefix
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
+        self._forget = client.register_script(_FORGET)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> StateStore:
@@ -232,17 +244,29 @@ class StateStore:
         )
         return [m.decode() for m in cast(list[bytes], members)]
 
-    def drop_done(self, node: str, key: str, *, gen: int | None) -> None:
+    def drop_done(self, node: str, key: str, record: FileRecord | None) -> None:
         """The node no longer holds ``key``: unschedule it and mark the record."""
-        pipe = self.redis.pipeline()
-        pipe.zrem(f"{self.prefix}drop:{node}", key)
-        pipe.execute()
-        if gen is not None:
-            # Only if nothing happened to the record meanwhile (a re-upload keeps its copy).
-            with contextlib.suppress(LeaseLost):
-                self.transition(
-                    key, "remote", gen=gen, from_states=("remote",), fields={"has_local": "0"}
-                )
+        self.redis.zrem(f"{self.prefix}drop:{node}", key)
+        if record is None or record.state not in ("remote", "deleted"):
+            return
+        # Only if nothing happened to the record meanwhile (a re-upload keeps its copy).
+        with contextlib.suppress(LeaseLost):
+            self.transition(
+                key,
+                record.state,
+                gen=record.gen,
+                from_states=(record.state,),
+                fields={"has_local": "0"},
+            )
+            if record.state == "deleted":
+                self.forget(key)
+
+    def forget(self, key: str) -> bool:
+        """Remove a deleted record once no copy is left anywhere."""
+        try:
+            return bool(self._forget(keys=[self.record_key(key)], args=[self.prefix, key]))
+        except redis.RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
 
     def ping(self) -> bool:
         try:

@@ -29,6 +29,7 @@ from qproxy.state import FileRecord
 log = logging.getLogger("qproxy.tasks")
 
 TRANSFER = "qproxy.transfer"
+DELETE = "qproxy.delete"
 QUEUE = "qproxy"
 
 
@@ -56,6 +57,7 @@ def make_celery(config: Config) -> Celery:
         worker_hijack_root_logger=False,
     )
     app.task(name=TRANSFER, bind=True, acks_late=True, max_retries=None)(_transfer_task)
+    app.task(name=DELETE, bind=True, acks_late=True, max_retries=None)(_delete_task)
     return app
 
 
@@ -67,6 +69,9 @@ class CeleryQueue:
 
     def enqueue_transfer(self, key: str, gen: int) -> None:
         self.app.send_task(TRANSFER, args=[key, gen], queue=QUEUE)
+
+    def enqueue_delete(self, key: str, gen: int) -> None:
+        self.app.send_task(DELETE, args=[key, gen], queue=QUEUE)
 
 
 _node: Node | None = None
@@ -168,6 +173,7 @@ def transfer(node: Node, key: str, *, attempts_left: int = 1) -> str:
             return "conflict"
         if final:
             log.error("transfer %s failed for good: %s", key, error)
+            run_hook(node, node.config.on_failed, state.get(key))
             return "failed"
         log.warning("transfer %s failed, will retry: %s", key, error)
         raise TransferRetry(exc) from exc
@@ -179,14 +185,71 @@ def transfer(node: Node, key: str, *, attempts_left: int = 1) -> str:
             "remote",
             gen=gen,
             lease=token,
-            fields={"lease": "", "lease_until": "", "error": "", "remote_at": time.time()},
+            fields={
+                "lease": "",
+                "lease_until": "",
+                "error": "",
+                "remote_at": time.time(),
+                "has_remote": True,
+            },
             drop=(record.node, time.time() + keep),
         )
     except LeaseLost as lost:
         log.warning("transfer %s: lease conflict, not marking remote: %s", key, lost)
+        now_record = state.get(key)
+        if now_record is None or now_record.state == "deleted":
+            # Deleted while we uploaded: the object we just wrote must not outlive it.
+            node.remote.delete(key)
         return "conflict"
     log.info("transfer %s: remote (%d bytes, sha256 %s)", key, record.size, record.sha256)
+    run_hook(node, node.config.on_transferred, state.get(key))
     return "remote"
+
+
+def run_hook(node: Node, path: str, record: FileRecord | None) -> None:
+    """Call the user's hook (a dotted path) with the whole record; never fail the task."""
+    if not path or record is None:
+        return
+    from importlib import import_module
+
+    module, _, name = path.rpartition(".")
+    try:
+        hook = getattr(import_module(module), name)
+        hook({**record.as_dict(), "url": node.url_for(record.key)})
+    except Exception:
+        log.exception("hook %s failed for %s", path, record.key)
+
+
+def _delete_task(task: Task[Any, Any], key: str, gen: int = 0) -> str:
+    node = worker_node()
+    try:
+        return purge(node, key)
+    except (StateUnavailable, QProxyError) as exc:
+        retries = int(task.request.retries or 0)
+        raise task.retry(
+            countdown=backoff(node.config, retries), exc=exc, max_retries=None
+        ) from None
+
+
+def purge(node: Node, key: str) -> str:
+    """Remove the S3 copy of a deleted file (and the local one, if it is on this host)."""
+    state = node.state
+    record = state.get(key)
+    if record is None:
+        return "gone"
+    if record.state != "deleted":
+        return record.state  # uploaded again since: nothing to remove
+    node.remote.delete(key)
+    fields: dict[str, Any] = {"has_remote": False}
+    if record.node == node.config.node_id and node.local.exists(key):
+        node.local.remove(key)
+        fields["has_local"] = False
+    try:
+        state.transition(key, "deleted", gen=record.gen, from_states=("deleted",), fields=fields)
+    except LeaseLost:
+        return "conflict"
+    state.forget(key)
+    return "deleted"
 
 
 @contextmanager

@@ -61,3 +61,12 @@ def test_unknown_toml_setting(tmp_path: Path) -> None:
 
 def test_secret_masked() -> None:
     assert Config(secret="s3cr3t").describe()["secret"] == "***"
+
+
+def test_framework_overrides_win() -> None:
+    cfg = Config.from_env(
+        {"QPROXY_S3_BUCKET": "env"}, overrides={"S3_BUCKET": "django", "qproxy_max_parts": "3"}
+    )
+    assert (cfg.s3_bucket, cfg.max_parts) == ("django", 3)
+    with pytest.raises(ConfigError, match="unknown qproxy setting 'BUCKET'"):
+        Config.from_env({}, overrides={"BUCKET": "x"})

@@ -27,6 +27,9 @@ class NoQueue:
     def enqueue_transfer(self, key: str, gen: int) -> None:
         pass
 
+    def enqueue_delete(self, key: str, gen: int) -> None:
+        pass
+
 
 def put_local(node: Node, data: bytes, key: str | None = None) -> str:
     from qproxy.keys import generate_key
@@ -207,3 +210,35 @@ def test_worker_retries_with_backoff_then_marks_failed(broken_s3_stack: Stack) -
     assert "NoSuchBucket" in record.error
     served = httpx.get(f"{stack.files_url}/media/{key}")
     assert served.status_code == 200 and served.content == b"no bucket"
+
+
+def test_delete_removes_every_copy_and_then_the_record(stack: Stack, quiet_node: Node) -> None:
+    from qproxy.node import drop_local_copies
+    from qproxy.tasks import purge
+
+    key = put_local(quiet_node, b"delete me")
+    assert transfer(quiet_node, key) == "remote"
+    assert quiet_node.delete(key)
+    record = quiet_node.state.get(key)
+    assert record is not None and record.state == "deleted"
+    assert httpx.get(f"{stack.files_url}/media/{key}").status_code == 404  # at once
+    assert purge(quiet_node, key) == "deleted"  # what the worker's delete task runs
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    assert s3.list_objects_v2(Bucket="qproxy-dev", Prefix=key).get("KeyCount") == 0
+    assert not quiet_node.local.exists(key)
+    drop_local_copies(quiet_node)
+    assert quiet_node.state.get(key) is None  # no copy left: the record goes too
+
+
+def test_delete_while_local_only(stack: Stack, quiet_node: Node) -> None:
+    from qproxy.node import drop_local_copies
+
+    key = put_local(quiet_node, b"never reached s3")
+    assert quiet_node.delete(key)
+    assert transfer(quiet_node, key) == "deleted"  # a queued transfer finds it deleted
+    drop_local_copies(quiet_node)  # the origin node's janitor drops the local copy
+    assert not quiet_node.local.exists(key)
+    from qproxy.tasks import purge
+
+    assert purge(quiet_node, key) in ("deleted", "gone")
+    assert quiet_node.state.get(key) is None
