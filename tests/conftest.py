@@ -23,7 +23,7 @@ MAX_UPLOAD = 20 * 1024 * 1024
 needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed")
 
 
-def _stack(mode: str = "x-accel", **settings: str) -> Stack:
+def _stack(mode: str = "x-accel", app: str = "tests.apps:make_app", **settings: str) -> Stack:
     env = {
         "PYTHONPATH": str(ROOT),
         "QPROXY_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
@@ -31,7 +31,7 @@ def _stack(mode: str = "x-accel", **settings: str) -> Stack:
         "QPROXY_MULTIPART_CHUNK": str(5 * 1024 * 1024),
         **settings,
     }
-    return Stack(mode=mode, settings=env, app="tests.apps:make_app")  # type: ignore[arg-type]
+    return Stack(mode=mode, settings=env, app=app)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session", autouse=True)
