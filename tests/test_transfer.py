@@ -19,6 +19,7 @@ from qproxy.remote import RemoteStore
 from qproxy.state import StateStore
 from qproxy.tasks import TransferRetry, backoff, transfer
 from tests.conftest import _stack
+from tests.hooks import CALLS
 
 
 class NoQueue:
@@ -244,24 +245,17 @@ def test_delete_while_local_only(stack: Stack, quiet_node: Node) -> None:
     assert quiet_node.state.get(key) is None
 
 
-HOOK_CALLS: list[dict[str, object]] = []
-
-
-def remember(record: dict[str, object]) -> None:
-    HOOK_CALLS.append(record)
-
-
 def test_hooks_get_the_whole_record(quiet_node: Node) -> None:
-    HOOK_CALLS.clear()
+    CALLS.clear()
     hooked = Node(
         quiet_node.config.replace(
-            on_transferred="tests.test_transfer.remember", on_failed="tests.test_transfer.remember"
+            on_transferred="tests.hooks.remember", on_failed="tests.hooks.remember"
         ),
         queue=NoQueue(),
     )
     key = put_local(hooked, b"hook me")
     assert transfer(hooked, key) == "remote"
-    (record,) = HOOK_CALLS
+    (record,) = CALLS
     assert record["key"] == key and record["state"] == "remote" and record["size"] == 7
     assert (
         record["url"] == "/media/" + key
@@ -270,5 +264,5 @@ def test_hooks_get_the_whole_record(quiet_node: Node) -> None:
     broken = Node(hooked.config.replace(s3_bucket="no-such-bucket"), queue=NoQueue())
     key2 = put_local(broken, b"fail me")
     assert transfer(broken, key2, attempts_left=1) == "failed"
-    assert HOOK_CALLS[-1]["key"] == key2 and HOOK_CALLS[-1]["state"] == "failed"
-    assert "NoSuchBucket" in str(HOOK_CALLS[-1]["error"])
+    assert CALLS[-1]["key"] == key2 and CALLS[-1]["state"] == "failed"
+    assert "NoSuchBucket" in str(CALLS[-1]["error"])
