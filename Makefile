@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck pytest system-deps clean
+.PHONY: demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
 
 ## system-deps: Debian's redis-server and nginx (installed when run as root and absent)
 system-deps:
@@ -30,11 +30,19 @@ $(STAMP): pyproject.toml
 demo: system-deps $(STAMP)
 	$(BIN)/qproxy demo
 
+## the examples, each on the whole stack (Ctrl-C stops it)
+example-flask: system-deps $(STAMP)
+	$(BIN)/qproxy demo --app examples.flask_app:app
+example-fastapi: system-deps $(STAMP)
+	$(BIN)/qproxy demo --app examples.fastapi_app:app
+example-django: system-deps $(STAMP)
+	$(BIN)/qproxy demo --app examples.django_app:app
+
 test: system-deps $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check qproxy tests
-	$(BIN)/ruff format --check qproxy tests
+	$(BIN)/ruff check qproxy tests examples
+	$(BIN)/ruff format --check qproxy tests examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

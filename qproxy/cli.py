@@ -152,7 +152,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.demo import run_demo
 
     use_nginx = False if args.no_nginx else None
-    return run_demo(once=args.once, use_nginx=use_nginx, mode=args.mode)
+    return run_demo(once=args.once, use_nginx=use_nginx, mode=args.mode, app=args.app)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="do one round trip and exit (0 on success)")
     p.add_argument("--no-nginx", action="store_true", help="use the resolver's standalone mode")
     p.add_argument("--mode", choices=["x-accel", "auth_request"], default="x-accel")
+    p.add_argument(
+        "--app",
+        default="qproxy.demo:make_app",
+        help="MODULE:ATTR of the app to run instead of the demo app (WSGI or ASGI; it must "
+        "answer POST /upload with JSON {'keys': [...]}), e.g. examples.flask_app:app",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

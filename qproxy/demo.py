@@ -163,15 +163,24 @@ def round_trip(stack: Any, *, size: int = 16 * 1024 * 1024 + 17, timeout: float 
         say("remote", f"fetched {len(from_s3.content)} bytes from S3: sha256 matches the upload")
 
 
-def run_demo(*, once: bool, use_nginx: bool | None, mode: str, base: Path | None = None) -> int:
+def run_demo(
+    *,
+    once: bool,
+    use_nginx: bool | None,
+    mode: str,
+    app: str = "qproxy.demo:make_app",
+    base: Path | None = None,
+) -> int:
     from qproxy.devstack import Stack, StackError, find_nginx
 
     if use_nginx is None:
         use_nginx = find_nginx() is not None
-    stack = Stack(base=base, use_nginx=use_nginx, mode=mode)  # type: ignore[arg-type]
+    # The app is imported by its own process: from the folder the demo was started in.
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    stack = Stack(base=base, use_nginx=use_nginx, mode=mode, app=app, settings={"PYTHONPATH": path})  # type: ignore[arg-type]
     say(
         "start",
-        "starting redis-server, moto S3, a Celery worker, the resolver, the demo app"
+        f"starting redis-server, moto S3, a Celery worker, the resolver, {app}"
         + (", nginx" if use_nginx else ""),
     )
     if not use_nginx:

@@ -1,13 +1,14 @@
-"""Serve a WSGI app for the demo and the tests: ``python -m qproxy.devserver MODULE:FACTORY``.
+"""Serve an app for the demo and the tests: ``python -m qproxy.devserver MODULE:ATTR``.
 
-Werkzeug's threaded server streams request bodies and understands chunked uploads; use
-gunicorn (or any WSGI server) in production.
+WSGI apps run under werkzeug's threaded server (it streams request bodies and understands
+chunked uploads), ASGI apps under uvicorn. In production use gunicorn/uvicorn directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -15,6 +16,12 @@ from werkzeug.serving import run_simple
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
+
+
+def is_asgi(app: object) -> bool:
+    if inspect.isfunction(app) or inspect.ismethod(app):
+        return inspect.iscoroutinefunction(app)
+    return inspect.iscoroutinefunction(type(app).__call__)
 
 
 def load(spec: str) -> WSGIApplication:
@@ -32,12 +39,18 @@ def load(spec: str) -> WSGIApplication:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qproxy.devserver", description=__doc__)
-    parser.add_argument("app", help="MODULE:ATTR, a WSGI app or a factory returning one")
+    parser.add_argument("app", help="MODULE:ATTR, a WSGI or ASGI app or a factory returning one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_simple(args.host, args.port, load(args.app), threaded=True, use_reloader=False)
+    app = load(args.app)
+    if is_asgi(app):
+        import uvicorn
+
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    else:
+        run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,22 @@ def test_demo_runs_until_ctrl_c(demo_tmp: Path) -> None:
             proc.stdout.close()
     time.sleep(0.5)
     assert processes_under(demo_tmp) == []
+
+
+@pytest.mark.parametrize(
+    "app", ["examples.flask_app:app", "examples.fastapi_app:app", "examples.django_app:app"]
+)
+def test_examples_run_on_the_whole_stack(demo_tmp: Path, app: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "qproxy", "demo", "--once", "--app", app],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=demo_env(demo_tmp),
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the app received the key" in result.stdout
+    assert "sha256 matches the upload" in result.stdout
+    assert processes_under(demo_tmp) == []
