@@ -316,13 +316,13 @@ def test_disk_full_is_507_and_leaves_nothing(node: Node) -> None:
         full = Node(node.config.replace(local_root=str(mount / "files")))
         body, ctype = multipart({"file": file_field(os.urandom(2 * 1024 * 1024), "big.bin")})
         status, _, out = call(UploadMiddleware(never_called, node=full), body, ctype)
-        assert status == 507
+        assert status == 507, (status, out)
         assert b"disk full" in out
-        assert list(full.local.pending_files()) == []
+        assert list(full.local.pending_files()) == [], list(full.local.pending_files())
         # Space is back for a file that fits.
         body, ctype = multipart({"file": file_field(b"small", "s.txt")})
         status, _, out = call(UploadMiddleware(plain_app, node=full), body, ctype)
-        assert status == 200
+        assert status == 200, (status, out)
     finally:
         subprocess.run(["umount", str(mount)], check=False)
         mount.rmdir()
