@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
+.PHONY: test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
 
 ## system-deps: Debian's redis-server and nginx (installed when run as root and absent)
 system-deps:
@@ -38,7 +38,21 @@ example-fastapi: system-deps $(STAMP)
 example-django: system-deps $(STAMP)
 	$(BIN)/qproxy demo --app examples.django_app:app
 
-test: system-deps $(STAMP) lint typecheck pytest
+test: system-deps $(STAMP) lint typecheck pytest test-django-current
+
+## Django 6 needs Python >= 3.12: where one is on the machine, run the Django tests there too.
+NEWER_PYTHON := $(firstword $(foreach p,python3.13 python3.12,$(shell $(p) -c 'import sys; print(sys.executable) if sys.version_info >= (3, 12) else None' 2>/dev/null)) $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3))
+NEWER_VENV := .venv-django-current
+
+test-django-current: system-deps
+	@if [ -z "$(NEWER_PYTHON)" ]; then \
+	  echo "note: no Python >= 3.12 here: the Django tests ran on Django 5.2 only"; \
+	else \
+	  [ -f $(NEWER_VENV)/.stamp ] || { $(NEWER_PYTHON) -m venv $(NEWER_VENV) && \
+	    $(NEWER_VENV)/bin/pip install -q -e '.[test]' && touch $(NEWER_VENV)/.stamp; }; \
+	  $(NEWER_VENV)/bin/python -c 'import django, sys; print(f"Django {django.__version__} on Python {sys.version.split()[0]}")'; \
+	  $(NEWER_VENV)/bin/pytest -q tests/test_django.py; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check qproxy tests examples
@@ -51,4 +65,4 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(NEWER_VENV) .pytest_cache .mypy_cache .ruff_cache
