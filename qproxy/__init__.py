@@ -22,6 +22,18 @@ from qproxy.node import StoredFile
 
 __version__ = "0.1.0"
 
+
+def delete(key: str, config: Config | None = None) -> bool:
+    """Delete a stored file: 404 at once, every copy removed in the background.
+
+    Returns False if there was nothing to delete.
+    """
+    from qproxy.keys import validate_key
+    from qproxy.node import Node
+
+    return Node(config).delete(validate_key(key))
+
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -37,4 +49,5 @@ __all__ = [
     "UploadTooLarge",
     "VerificationFailed",
     "__version__",
+    "delete",
 ]

@@ -139,6 +139,67 @@ def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.node import Node
+    from qproxy.sweep import sweep
+
+    report = sweep(
+        Node(_config()),
+        stuck_after=args.stuck_after,
+        pending_max_age=args.pending_max_age,
+        cluster=not args.node_only,
+    )
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        for name, value in report.as_dict().items():
+            print(f"{name.replace('_', ' '):18} {value}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.node import Node
+    from qproxy.sweep import retry_failed
+
+    if not args.all_failed and not args.keys:
+        print("qproxy retry: give KEY... or --all-failed", file=sys.stderr)
+        return 2
+    done = retry_failed(Node(_config()), None if args.all_failed else args.keys)
+    for key in done:
+        print(f"queued {key}")
+    if args.keys and len(done) < len(args.keys):
+        missing = sorted(set(args.keys) - set(done))
+        print(f"qproxy retry: not failed (nothing to do): {' '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.keys import validate_key
+    from qproxy.node import Node
+
+    if not Node(_config()).delete(validate_key(args.key)):
+        print(f"qproxy: nothing to delete for {args.key}", file=sys.stderr)
+        return 1
+    print(f"deleted {args.key} (copies are removed in the background)")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.node import Node
+    from qproxy.sweep import reconcile
+
+    report = reconcile(Node(_config()))
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        print(f"restored from S3       {report.from_s3}")
+        print(f"restored from journal  {report.from_journal}")
+        print(f"restored from disk     {report.from_disk}")
+        print(f"already known          {report.already_known}")
+    return 0
+
+
 def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.nginxconf import NginxOptions, full_config, server_block
 
@@ -218,6 +279,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="path of the file to store")
     p.add_argument("--key", help="use this key instead of a generated one")
     p.set_defaults(func=cmd_put)
+
+    p = add(
+        "sweep",
+        "finish what crashes left half done",
+        "Replay this node's journal into Redis, drop local copies that are safely in S3, "
+        "remove temp files of requests that died; then (unless --node-only) queue again "
+        "transfers stuck in local/queued or past their lease, and abort stale S3 multipart "
+        "uploads. The resolver runs this on its own every few seconds.",
+    )
+    p.add_argument(
+        "--stuck-after", type=float, help="seconds without progress (default: QPROXY_STUCK_SECONDS)"
+    )
+    p.add_argument(
+        "--pending-max-age", type=float, help="seconds (default: QPROXY_PENDING_MAX_AGE)"
+    )
+    p.add_argument("--node-only", action="store_true", help="only this node's part")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = add("retry", "queue failed transfers again")
+    p.add_argument("keys", nargs="*", metavar="KEY")
+    p.add_argument("--all-failed", action="store_true", help="every record in state failed")
+    p.set_defaults(func=cmd_retry)
+
+    p = add("delete", "delete a file: 404 at once, every copy removed in the background")
+    p.add_argument("key", help="the file's key")
+    p.set_defaults(func=cmd_delete)
+
+    p = add(
+        "reconcile",
+        "rebuild records after Redis lost them",
+        "Rebuild every record from an S3 listing, this node's journal and its disk (run it "
+        "on each web node), e.g. after FLUSHALL or on a new empty Redis.",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reconcile)
 
     p = add(
         "nginx-config",

@@ -61,6 +61,10 @@ class Config:
     lease_seconds: float = 900.0
     visibility_timeout: int = 3600
     janitor_interval: float = 10.0
+    sweep_interval: float = 60.0  # cluster-wide sweep (one node at a time, under a lock)
+    stuck_seconds: float = 600.0  # local/queued this long without progress: queue again
+    pending_max_age: float = 3600.0  # temp files of requests that died, removed after this
+    multipart_max_age: float = 86400.0  # incomplete S3 multipart uploads aborted after this
     drop_grace_seconds: float = 5.0
     standalone: bool = False
     raw_upload_paths: str = ""  # comma-separated globs, e.g. "/api/files/*,/upload/raw/*"

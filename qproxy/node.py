@@ -135,14 +135,15 @@ class Node:
         try:
             gen = self.state.create(key, "local", record)
             if enqueue:
-                self._enqueue(key, gen)
+                self.queue_transfer(key, gen)
         except (QProxyError, OSError) as exc:
             # The file is on disk and in the journal; sweep/reconcile finish the job.
             log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)
         except Exception as exc:  # kombu/celery raise their own connection errors
             log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)
 
-    def _enqueue(self, key: str, gen: int) -> None:
+    def queue_transfer(self, key: str, gen: int) -> None:
+        """Send the transfer job and move the record from ``local`` to ``queued``."""
         self.queue.enqueue_transfer(key, gen)
         with contextlib.suppress(LeaseLost):  # a worker already picked it up
             self.state.transition(key, "queued", gen=gen, from_states=("local",))
@@ -152,7 +153,7 @@ class Node:
         record = self.state.get(key)
         if record is None or record.state in ("remote", "deleted", "pending"):
             return False
-        self._enqueue(key, record.gen)
+        self.queue_transfer(key, record.gen)
         return True
 
     def delete(self, key: str) -> bool:

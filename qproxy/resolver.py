@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
@@ -27,8 +28,9 @@ from qproxy.config import Config
 from qproxy.errors import InvalidKey, QProxyError, StateUnavailable
 from qproxy.headers import check_signature, content_disposition, signed_query
 from qproxy.keys import validate_key
-from qproxy.node import Node, drop_local_copies
+from qproxy.node import Node
 from qproxy.state import LOCAL_STATES, FileRecord
+from qproxy.sweep import sweep
 
 log = logging.getLogger("qproxy.resolver")
 
@@ -96,6 +98,7 @@ class Resolver:
         self.config = self.node.config
         self.standalone = self.config.standalone if standalone is None else standalone
         self.counts: Counter[str] = Counter()
+        self._misses: dict[str, float] = {}
         self.redirect_max_age = self.config.redirect_max_age
         public = self.config.public_path
         routes = [
@@ -129,7 +132,7 @@ class Resolver:
         except StateUnavailable as exc:
             log.warning("resolver: Redis unavailable (%s); falling back to disk, then S3", exc)
             return await anyio.to_thread.run_sync(self._degraded, key, method)
-        return decide(
+        decision = decide(
             record,
             key,
             node_id=self.config.node_id,
@@ -138,6 +141,26 @@ class Resolver:
             redirect_max_age=self.redirect_max_age,
             retry=retry,
         )
+        if record is None and decision.kind == "missing":
+            # Redis lost the record (a new instance, FLUSHALL) but S3 may hold the file:
+            # never a 404 while a copy exists. Recent misses are remembered briefly.
+            decision = await anyio.to_thread.run_sync(self._from_s3, key, method)
+        return decision
+
+    def _from_s3(self, key: str, method: str) -> Decision:
+        now = time.monotonic()
+        if self._misses.get(key, 0.0) > now:
+            return MISSING
+        try:
+            if self.node.remote.exists(key):
+                return Decision("redirect", key=key, url=self.node.remote.url(key, method=method))
+        except QProxyError as exc:
+            log.warning("resolver: S3 unavailable: %s", exc)
+            return MISSING
+        if len(self._misses) > 10_000:
+            self._misses.clear()
+        self._misses[key] = now + 5.0
+        return MISSING
 
     def _degraded(self, key: str, method: str) -> Decision:
         if self.node.local.exists(key):
@@ -296,12 +319,21 @@ class Resolver:
                 await task
 
     async def _janitor(self) -> None:
+        """This node's upkeep, and now and then (one node at a time) the cluster's."""
+        next_cluster = 0.0
         while True:
             started = time.monotonic()
             try:
-                removed = await anyio.to_thread.run_sync(drop_local_copies, self.node)
-                if removed:
-                    log.info("janitor: dropped %d local copies now safely in S3", removed)
+                cluster = started >= next_cluster and await anyio.to_thread.run_sync(
+                    self.node.state.try_lock, "sweep", self.config.sweep_interval
+                )
+                if cluster:
+                    next_cluster = started + self.config.sweep_interval
+                report = await anyio.to_thread.run_sync(
+                    functools.partial(sweep, self.node, cluster=bool(cluster))
+                )
+                if any(report.as_dict().values()):
+                    log.info("janitor: %s", report.as_dict())
             except Exception as exc:  # Redis down, disk trouble: try again next round
                 log.warning("janitor: %s", exc)
             await asyncio.sleep(

@@ -268,6 +268,25 @@ class StateStore:
         except redis.RedisError as exc:
             raise StateUnavailable(str(exc)) from exc
 
+    def exists_many(self, keys: list[str]) -> list[bool]:
+        """Which of ``keys`` have a record (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self.record_key(key))
+        try:
+            return [bool(n) for n in pipe.execute()]
+        except redis.RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
+
+    def try_lock(self, name: str, seconds: float) -> bool:
+        """A best-effort lock that expires by itself (one sweep at a time across nodes)."""
+        try:
+            return bool(
+                self.redis.set(f"{self.prefix}lock:{name}", "1", nx=True, px=int(seconds * 1000))
+            )
+        except redis.RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
+
     def ping(self) -> bool:
         try:
             return bool(self.redis.ping())

@@ -30,6 +30,7 @@ log = logging.getLogger("qproxy.tasks")
 
 TRANSFER = "qproxy.transfer"
 DELETE = "qproxy.delete"
+SWEEP = "qproxy.sweep"
 QUEUE = "qproxy"
 
 
@@ -58,6 +59,15 @@ def make_celery(config: Config) -> Celery:
     )
     app.task(name=TRANSFER, bind=True, acks_late=True, max_retries=None)(_transfer_task)
     app.task(name=DELETE, bind=True, acks_late=True, max_retries=None)(_delete_task)
+    app.task(name=SWEEP)(_sweep_task)
+    # `qproxy worker -B` (Celery's embedded beat) sweeps the cluster periodically.
+    app.conf.beat_schedule = {
+        "qproxy-sweep": {
+            "task": SWEEP,
+            "schedule": config.sweep_interval,
+            "options": {"queue": QUEUE},
+        }
+    }
     return app
 
 
@@ -229,6 +239,15 @@ def _delete_task(task: Task[Any, Any], key: str, gen: int = 0) -> str:
         raise task.retry(
             countdown=backoff(node.config, retries), exc=exc, max_retries=None
         ) from None
+
+
+def _sweep_task() -> dict[str, int]:
+    from qproxy.sweep import sweep
+
+    node = worker_node()
+    if not node.state.try_lock("sweep", node.config.sweep_interval):
+        return {}
+    return sweep(node, local=False).as_dict()
 
 
 def purge(node: Node, key: str) -> str:

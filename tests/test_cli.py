@@ -22,7 +22,19 @@ def qproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def test_top_level_help_lists_commands() -> None:
     result = qproxy("--help")
     assert result.returncode == 0
-    for command in ("resolver", "worker", "status", "ls", "put", "nginx-config", "demo"):
+    for command in (
+        "resolver",
+        "worker",
+        "status",
+        "ls",
+        "put",
+        "sweep",
+        "retry",
+        "delete",
+        "reconcile",
+        "nginx-config",
+        "demo",
+    ):
         assert command in result.stdout
     assert "QPROXY_S3_BUCKET" in result.stdout
 
@@ -37,6 +49,10 @@ def test_top_level_help_lists_commands() -> None:
         ("put", "path of the file"),
         ("nginx-config", "--full"),
         ("demo", "--once"),
+        ("sweep", "--stuck-after"),
+        ("retry", "--all-failed"),
+        ("delete", "404 at once"),
+        ("reconcile", "FLUSHALL"),
     ],
 )
 def test_subcommand_help(command: str, expected: str) -> None:

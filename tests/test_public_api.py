@@ -27,6 +27,7 @@ def test_exported_names() -> None:
         "UploadTooLarge",
         "VerificationFailed",
         "__version__",
+        "delete",
     ]
 
 
