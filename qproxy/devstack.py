@@ -258,9 +258,20 @@ class Stack:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
 
-    def restart_redis(self) -> None:
-        self.services.pop("redis").stop()
-        self.start_redis()
+    def restart(self, name: str) -> None:
+        """Stop (if running) and start one service again, on the same port and data."""
+        service = self.services.pop(name, None)
+        if service is not None:
+            service.stop()
+        starters = {
+            "redis": self.start_redis,
+            "s3": self.start_s3,
+            "worker": self.start_worker,
+            "resolver": self.start_resolver,
+            "app": self.start_app,
+            "nginx": self.start_nginx,
+        }
+        starters[name]()
 
     def start_s3(self) -> None:
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.ports["s3"])]
@@ -285,10 +296,10 @@ class Stack:
             "--hostname",
             f"qproxy-{os.getpid()}-{time.time_ns()}@%h",
         ]
+        log_path = self.dir / "worker.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         self.spawn("worker", argv)
-        self.wait_for(
-            "worker", lambda: "ready." in self.services["worker"].log_tail(200), timeout=60
-        )
+        self.wait_for("worker", lambda: b"ready." in _read_from(log_path, offset), timeout=60)
 
     def start_resolver(self) -> None:
         argv = [
@@ -340,6 +351,15 @@ class Stack:
         argv = [nginx, "-p", str(conf.parent), "-c", str(conf), "-e", "stderr", "-g", "daemon off;"]
         self.spawn("nginx", argv)
         self.wait_for("nginx", lambda: self._http_ok(self.url("nginx") + "/"))
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read()
+    except FileNotFoundError:
+        return b""
 
 
 @contextlib.contextmanager
