@@ -132,9 +132,9 @@ def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
     except BaseException:
         temp.discard()
         raise
-    node.commit(
-        temp, key, {"filename": filename, "content_type": clean_content_type(None, filename)}
-    )
+    fields = {"filename": filename, "content_type": clean_content_type(None, filename)}
+    # With --key an existing file is replaced: a new version, served from now on.
+    node.commit(temp, key, fields, replace=bool(args.key))
     print(key)
     return 0
 
@@ -277,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("put", "store a local file as an upload would (prints its key)")
     p.add_argument("file", help="path of the file to store")
-    p.add_argument("--key", help="use this key instead of a generated one")
+    p.add_argument(
+        "--key", help="use this key instead of a generated one (replaces a file stored under it)"
+    )
     p.set_defaults(func=cmd_put)
 
     p = add(

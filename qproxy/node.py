@@ -113,7 +113,13 @@ class Node:
         return None if rewriter is None else Intake(self, rewriter)
 
     def commit(
-        self, temp: TempFile, key: str, fields: dict[str, Any], *, enqueue: bool = True
+        self,
+        temp: TempFile,
+        key: str,
+        fields: dict[str, Any],
+        *,
+        enqueue: bool = True,
+        replace: bool = False,
     ) -> None:
         """Make an accepted file durable, record it and queue its transfer.
 
@@ -133,7 +139,7 @@ class Node:
         }
         self.local.journal.append({"op": "commit", "key": key, "ts": time.time(), **record})
         try:
-            gen = self.state.create(key, "local", record)
+            gen = self.state.create(key, "local", record, replace=replace)
             if enqueue:
                 self.queue_transfer(key, gen)
         except (QProxyError, OSError) as exc:

@@ -59,7 +59,7 @@ def decide(
     key: str,
     *,
     node_id: str,
-    remote_url: Callable[[], str],
+    remote_url: Callable[[str], str],
     local_exists: Callable[[], bool],
     redirect_max_age: int,
     retry: bool = False,
@@ -73,7 +73,9 @@ def decide(
     if record.state in ("deleted", "pending"):
         return MISSING
     if record.state == "remote":
-        return Decision("redirect", key=key, url=remote_url(), max_age=redirect_max_age)
+        return Decision(
+            "redirect", key=key, url=remote_url(record.object), max_age=redirect_max_age
+        )
     if retry or record.state not in LOCAL_STATES:
         # nginx found no local file although the record says local: nothing to send yet.
         return MISSING
@@ -121,8 +123,8 @@ class Resolver:
             return MISSING
         node = self.node
 
-        def remote_url() -> str:
-            return node.remote.url(key, method=method)
+        def remote_url(name: str) -> str:
+            return node.remote.url(name, method=method)
 
         def local_exists() -> bool:
             return node.local.exists(key)

@@ -35,19 +35,33 @@ LOCAL_STATES = frozenset({"local", "queued", "transferring", "failed"})
 
 PREFIX = "qp:"
 
+# ARGV: prefix, key, state, now, replace '1'|'', then field/value pairs.
 _CREATE = """
 local cur = redis.call('HGET', KEYS[1], 'state')
-if cur and cur ~= 'deleted' then return {0, cur} end
+if cur and cur ~= 'deleted' and ARGV[5] ~= '1' then return {0, cur} end
+local version = 1
+local stale = ''
 if cur then
-  -- Revive a deleted key: forget its old fields, keep the generation monotonic (fencing).
-  local old = redis.call('HGET', KEYS[1], 'gen')
+  -- A new version of the key (a re-upload, or a deleted key used again): new fields, the
+  -- generation keeps counting up (fencing), and the old version's S3 object (each version
+  -- has its own) is remembered, to be removed once the new version is safe in S3.
+  local old = redis.call('HMGET', KEYS[1], 'gen', 'version', 'stale')
+  local oldversion = tonumber(old[2]) or 1
+  version = oldversion + 1
+  stale = old[3] or ''
+  if cur ~= 'local' and cur ~= 'queued' then
+    local oldname = ARGV[2]
+    if oldversion > 1 then oldname = ARGV[2] .. '~v' .. oldversion end
+    if stale == '' then stale = oldname else stale = stale .. ',' .. oldname end
+  end
   redis.call('ZREM', ARGV[1] .. 's:' .. cur, ARGV[2])
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'gen', old)
+  redis.call('HSET', KEYS[1], 'gen', old[1])
 end
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated', ARGV[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated', ARGV[4], 'version', version)
+if stale ~= '' then redis.call('HSET', KEYS[1], 'stale', stale) end
 redis.call('ZADD', ARGV[1] .. 's:' .. ARGV[3], ARGV[4], ARGV[2])
 return {1, gen}
 """
@@ -106,6 +120,8 @@ class FileRecord:
     remote_at: float = 0.0
     has_local: bool = True
     has_remote: bool = False
+    version: int = 1
+    stale: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -130,12 +146,21 @@ class FileRecord:
             remote_at=float(h.get("remote_at", 0) or 0),
             has_local=h.get("has_local", "1") == "1",
             has_remote=h.get("has_remote", "0") == "1",
+            version=int(h.get("version", 1) or 1),
+            stale=tuple(n for n in h.get("stale", "").split(",") if n),
             meta=json.loads(h["meta"]) if h.get("meta") else {},
         )
+
+    @property
+    def object(self) -> str:
+        """This version's S3 object name (before the prefix): each version has its own, so a
+        stale upload of an older version can never overwrite the newest bytes."""
+        return self.key if self.version <= 1 else f"{self.key}~v{self.version}"
 
     def as_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
         out.pop("lease")
+        out["object"] = self.object
         return out
 
 
@@ -166,10 +191,15 @@ class StateStore:
             raise StateUnavailable(str(exc)) from exc
         return FileRecord.from_hash(key, raw) if raw else None
 
-    def create(self, key: str, state: State, fields: Mapping[str, Any]) -> int:
-        """Create a record (or revive a deleted one). Returns its generation."""
+    def create(
+        self, key: str, state: State, fields: Mapping[str, Any], *, replace: bool = False
+    ) -> int:
+        """Create a record (or a new version of a deleted one, or with ``replace`` of any).
+
+        Returns its generation; raises :class:`LeaseLost` if the key is taken.
+        """
         now = time.time()
-        args: list[Any] = [self.prefix, key, state, repr(now)]
+        args: list[Any] = [self.prefix, key, state, repr(now), "1" if replace else ""]
         args += _flatten({"created": repr(now), **fields})
         try:
             ok, value = self._create(keys=[self.record_key(key)], args=args)

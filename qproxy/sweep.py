@@ -155,6 +155,14 @@ def requeue_stuck(node: Node, *, older_than: float, now: float, limit: int = 100
                 continue  # a live run owns it
             if requeue(node, record):
                 requeued += 1
+    # Deletes whose job was lost: send it again (purging twice is harmless).
+    for key in state.keys_in_state("deleted", older_than=older_than, limit=limit):
+        record = state.get(key)
+        if record is not None and record.state == "deleted":
+            with contextlib.suppress(LeaseLost):
+                gen = state.transition(key, "deleted", gen=record.gen, from_states=("deleted",))
+                node.queue.enqueue_delete(key, gen)
+                requeued += 1
     return requeued
 
 

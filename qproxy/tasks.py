@@ -8,6 +8,7 @@ generation and that lease (see :mod:`qproxy.state`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject, Retry
 
 from qproxy.config import Config
 from qproxy.errors import LeaseLost, QProxyError, StateUnavailable
@@ -106,15 +108,26 @@ def _transfer_task(task: Task[Any, Any], key: str, gen: int = 0) -> str:
     retries = int(task.request.retries or 0)
     try:
         return transfer(node, key, attempts_left=node.config.transfer_retries - retries)
-    except TransferRetry as exc:
-        raise task.retry(
-            countdown=backoff(node.config, retries), exc=exc.cause, max_retries=None
-        ) from None
-    except StateUnavailable as exc:
-        # Redis is down: nothing was changed, try again later.
-        raise task.retry(
-            countdown=backoff(node.config, retries), exc=exc, max_retries=None
-        ) from None
+    except TransferRetry:
+        return _retry_later(task, node, retries)
+    except StateUnavailable:
+        # Redis (the broker too, usually) is down: asking Celery to retry would publish to
+        # it, and kombu can wedge the consumer when that fails. The record is untouched
+        # (queued), so the sweep queues it again once Redis is back.
+        log.warning("transfer %s: Redis unavailable, left for the sweep", key)
+        return "redis-down"
+
+
+def _retry_later(task: Task[Any, Any], node: Node, retries: int) -> str:
+    try:
+        raise task.retry(countdown=backoff(node.config, retries), max_retries=None)
+    except Retry:
+        raise  # queued: Celery acknowledges this run
+    except (Reject, Exception) as exc:
+        # Publishing the retry failed (Celery turns that into a Reject, and kombu rejecting
+        # on a dead connection can wedge the consumer): the sweep takes over instead.
+        log.warning("retry could not be queued (%s); left for the sweep", exc)
+        return "retry-later"
 
 
 class TransferRetry(Exception):
@@ -144,27 +157,34 @@ def transfer(node: Node, key: str, *, attempts_left: int = 1) -> str:
         return record.state
 
     token = uuid.uuid4().hex
-    gen = state.transition(
-        key,
-        "transferring",
-        gen=record.gen,
-        fields={
-            "lease": token,
-            "lease_until": now + node.config.lease_seconds,
-            "attempts": record.attempts + 1,
-        },
-    )
+    try:
+        gen = state.transition(
+            key,
+            "transferring",
+            gen=record.gen,
+            fields={
+                "lease": token,
+                "lease_until": now + node.config.lease_seconds,
+                "attempts": record.attempts + 1,
+            },
+        )
+    except LeaseLost:
+        # The record moved between our read and the lease (a sweep queued it again, a
+        # duplicate run took it): start over from what it is now.
+        if attempts_left <= -3:
+            return "conflict"
+        return transfer(node, key, attempts_left=attempts_left - 1)
     try:
         with _source(node, record) as fh:
             checksum = node.remote.put(
-                key,
+                record.object,
                 fh,
                 size=record.size,
                 sha256=record.sha256,
                 content_type=record.content_type,
                 content_disposition=content_disposition(record.filename),
             )
-        node.remote.verify(key, size=record.size, sha256=record.sha256, checksum=checksum)
+        node.remote.verify(record.object, size=record.size, sha256=record.sha256, checksum=checksum)
     except LeaseLost:
         raise
     except Exception as exc:
@@ -207,10 +227,30 @@ def transfer(node: Node, key: str, *, attempts_left: int = 1) -> str:
     except LeaseLost as lost:
         log.warning("transfer %s: lease conflict, not marking remote: %s", key, lost)
         now_record = state.get(key)
-        if now_record is None or now_record.state == "deleted":
-            # Deleted while we uploaded: the object we just wrote must not outlive it.
-            node.remote.delete(key)
+        if (
+            now_record is None
+            or now_record.state == "deleted"
+            or now_record.version != record.version
+        ):
+            # Deleted or replaced while we uploaded: the object we wrote (this version's own
+            # name) must not outlive it. A duplicate run of the same version leaves it be.
+            node.remote.delete(record.object)
         return "conflict"
+    for name in record.stale:
+        # Older versions of the key: safe to remove now that this one is verified in S3.
+        with contextlib.suppress(QProxyError):
+            node.remote.delete(name)
+    if record.stale:
+        with contextlib.suppress(LeaseLost):
+            remote_record = state.get(key)
+            if remote_record is not None and remote_record.state == "remote":
+                state.transition(
+                    key,
+                    "remote",
+                    gen=remote_record.gen,
+                    from_states=("remote",),
+                    fields={"stale": ""},
+                )
     log.info("transfer %s: remote (%d bytes, sha256 %s)", key, record.size, record.sha256)
     run_hook(node, node.config.on_transferred, state.get(key))
     return "remote"
@@ -234,11 +274,11 @@ def _delete_task(task: Task[Any, Any], key: str, gen: int = 0) -> str:
     node = worker_node()
     try:
         return purge(node, key)
-    except (StateUnavailable, QProxyError) as exc:
-        retries = int(task.request.retries or 0)
-        raise task.retry(
-            countdown=backoff(node.config, retries), exc=exc, max_retries=None
-        ) from None
+    except StateUnavailable:
+        log.warning("delete %s: Redis unavailable, left for the sweep", key)
+        return "redis-down"
+    except QProxyError:
+        return _retry_later(task, node, int(task.request.retries or 0))
 
 
 def _sweep_task() -> dict[str, int]:
@@ -258,7 +298,8 @@ def purge(node: Node, key: str) -> str:
         return "gone"
     if record.state != "deleted":
         return record.state  # uploaded again since: nothing to remove
-    node.remote.delete(key)
+    for name in (record.object, *record.stale):
+        node.remote.delete(name)
     fields: dict[str, Any] = {"has_remote": False}
     if record.node == node.config.node_id and node.local.exists(key):
         node.local.remove(key)

@@ -27,7 +27,7 @@ def run(
         rec,
         "k.txt",
         node_id="n1",
-        remote_url=lambda: "https://s3.example/k.txt?sig",
+        remote_url=lambda name: f"https://s3.example/{name}?sig",
         local_exists=lambda: exists,
         redirect_max_age=300,
         retry=retry,
@@ -70,7 +70,7 @@ def test_headers_come_from_metadata() -> None:
         record("queued"),
         "k.txt",
         node_id="n1",
-        remote_url=lambda: "",
+        remote_url=lambda name: "",
         local_exists=lambda: True,
         redirect_max_age=0,
     )

@@ -182,7 +182,13 @@ def oracle(
     keys = accepted.keys()
     assert keys, "no upload was accepted"
     states = wait_all_remote(stack, keys, timeout)
-    assert states == {"remote": len(keys)}, f"not all remote after {timeout:.0f}s: {states}"
+    if states != {"remote": len(keys)}:
+        logs = "\n".join(
+            f"--- {name}.log\n{stack.services[name].log_tail(300)}"
+            for name in ("worker", "resolver", "app")
+            if name in stack.services
+        )
+        raise AssertionError(f"not all remote after {timeout:.0f}s: {states}\n{logs}")
     s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
     listed: set[str] = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket="qproxy-dev"):

@@ -1,0 +1,55 @@
+"""Redis killed (SIGKILL, restarted from its AOF) or stopped while uploads arrive."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+from tests.faults.helpers import Accepted, Prober, fault_stack, oracle, sizes, upload_many
+
+
+def test_redis_killed_twice_loses_no_accepted_upload() -> None:
+    with fault_stack() as stack:
+        accepted = Accepted()
+        done = threading.Event()
+
+        def kill_twice() -> None:
+            for _ in range(2):
+                time.sleep(3)
+                stack.services["redis"].signal(signal.SIGKILL)
+                time.sleep(1.5)  # uploads keep coming while Redis is gone
+                stack.restart("redis")
+            done.set()
+
+        killer = threading.Thread(target=kill_twice)
+        with Prober(stack, accepted) as prober:
+            killer.start()
+            upload_many(stack, sizes(200, high=2 * 1024 * 1024), accepted, pause=0.15)
+            killer.join()
+            assert done.is_set()
+            # Every upload was accepted: the journal, not Redis, makes an upload durable.
+            assert len(accepted.files) == 200, (accepted.refused, accepted.errors)
+            oracle(stack, accepted, timeout=90, prober=prober)
+            app_log = (stack.dir / "app.log").read_text()
+            assert "stored locally but not queued yet" in app_log  # Redis really was down
+
+
+def test_redis_stopped_during_uploads() -> None:
+    with fault_stack() as stack:
+        accepted = Accepted()
+        with Prober(stack, accepted) as prober:
+            upload_many(stack, sizes(20, high=512 * 1024), accepted)
+            stack.services["redis"].stop()  # a clean stop (SIGTERM)
+            upload_many(stack, sizes(40, high=512 * 1024, seed=3), accepted)
+            assert len(accepted.files) == 60, (accepted.refused, accepted.errors)
+            time.sleep(2)
+            stack.restart("redis")
+            # The records and the jobs follow from the journal once Redis is back.
+            oracle(stack, accepted, timeout=90, prober=prober)
+        replayed = [
+            int(n)
+            for n in re.findall(r"'replayed': (\d+)", (stack.dir / "resolver.log").read_text())
+        ]
+        assert sum(replayed) >= 40, replayed

@@ -1,0 +1,34 @@
+"""The S3 endpoint stops answering (SIGSTOP) for 20 s while uploads arrive."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+
+from qproxy.node import Node
+from tests.faults.helpers import Accepted, Prober, fault_stack, oracle, sizes, upload_many
+
+
+def test_s3_paused_20s() -> None:
+    with fault_stack() as stack:
+        accepted = Accepted()
+        s3 = stack.services["s3"]
+        with Prober(stack, accepted) as prober:
+            s3.signal(signal.SIGSTOP)
+            paused = time.monotonic()
+            try:
+                upload_many(stack, sizes(100, high=2 * 1024 * 1024), accepted)
+                assert len(accepted.files) == 100, (accepted.refused, accepted.errors)
+                # Served from the local disk while S3 is away.
+                for key in accepted.keys()[:10]:
+                    r = httpx.get(f"{stack.files_url}/media/{key}", timeout=10)
+                    assert r.status_code == 200 and r.headers["x-qproxy-source"] == "local"
+                time.sleep(max(0.0, 20 - (time.monotonic() - paused)))
+                node = Node(stack.config)
+                states = {node.state.get(k).state for k in accepted.files}  # type: ignore[union-attr]
+                assert "failed" not in states and "remote" not in states, states
+            finally:
+                s3.signal(signal.SIGCONT)
+            oracle(stack, accepted, timeout=90, prober=prober)
