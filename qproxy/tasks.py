@@ -47,7 +47,16 @@ def make_celery(config: Config) -> Celery:
         accept_content=["json"],
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": config.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": config.visibility_timeout,
+            # kombu looks for jobs past their visibility timeout only every ~100 s by
+            # default; look at a third of the timeout (at most every 10 s).
+            "unacked_restore_interval": max(1, min(10, config.visibility_timeout // 3)),
+            "unacked_restore_throttle": 1,
+            # Without a socket timeout a publish to a vanished broker waits forever.
+            "socket_timeout": 10,
+            "socket_connect_timeout": 3,
+        },
         # A web request must not hang on a dead broker: the commit path falls back to the
         # journal and sweep.
         task_publish_retry_policy={
