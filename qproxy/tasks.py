@@ -36,7 +36,42 @@ SWEEP = "qproxy.sweep"
 QUEUE = "qproxy"
 
 
+def _harden_kombu() -> None:
+    """Keep a Celery worker alive through a Redis restart.
+
+    kombu's Redis transport (5.x) raises ``AttributeError: 'NoneType' object has no
+    attribute 'hostname'`` when it acks, rejects or restores messages on a connection that
+    already went away; raised inside Celery's reconnect path, it leaves the consumer wedged
+    for good (seen in the fault suite, Redis SIGKILLed). Swallowing it is safe here: the
+    message stays in kombu's unacked set and comes back after the visibility timeout, and
+    every qproxy task is idempotent and fenced.
+    """
+    import redis as redis_lib
+    from kombu.transport import redis as kombu_redis
+
+    qos: Any = kombu_redis.QoS
+    if getattr(qos, "_qproxy_hardened", False):
+        return
+
+    def guard(name: str) -> None:
+        original = getattr(qos, name)
+
+        def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(self, *args, **kwargs)
+            except (AttributeError, redis_lib.RedisError, OSError) as exc:
+                log.warning("broker connection gone during %s (left for redelivery): %s", name, exc)
+                return None
+
+        setattr(qos, name, guarded)
+
+    for name in ("ack", "reject", "restore_unacked"):
+        guard(name)
+    qos._qproxy_hardened = True
+
+
 def make_celery(config: Config) -> Celery:
+    _harden_kombu()
     app = Celery("qproxy", broker=config.broker, set_as_current=False)
     app.conf.update(
         task_acks_late=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
@@ -48,8 +47,6 @@ def test_redis_stopped_during_uploads() -> None:
             stack.restart("redis")
             # The records and the jobs follow from the journal once Redis is back.
             oracle(stack, accepted, timeout=90, prober=prober)
-        replayed = [
-            int(n)
-            for n in re.findall(r"'replayed': (\d+)", (stack.dir / "resolver.log").read_text())
-        ]
-        assert sum(replayed) >= 40, replayed
+            # Redis really was down for the 40: their records came from the journal replay.
+            app_log = (stack.dir / "app.log").read_text()
+            assert app_log.count("stored locally but not queued yet") >= 40

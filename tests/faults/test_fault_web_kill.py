@@ -54,7 +54,7 @@ def test_web_server_killed_mid_upload() -> None:
         accepted = Accepted()
         upload_many(stack, sizes(20, high=256 * 1024), accepted)
         result = subprocess.run(
-            [sys.executable, "-m", "qproxy", "sweep", "--pending-max-age", "1", "--json"],
+            [sys.executable, "-m", "qproxy", "sweep", "--pending-max-age", "0", "--json"],
             env={**os.environ, **stack.env},
             capture_output=True,
             text=True,
@@ -62,4 +62,5 @@ def test_web_server_killed_mid_upload() -> None:
         )
         assert result.returncode == 0, result.stderr
         assert '"pending_removed": 1' in result.stdout
+        assert list(node.local.pending_files()) == []
         oracle(stack, accepted, timeout=60)
