@@ -153,12 +153,6 @@ def server_block(config: Config, options: NginxOptions) -> str:
             f"{i2}add_header X-QProxy-Source local always;\n",
             f"{i2}error_page 404 = @qp_retry;\n",
             f"{i1}}}\n\n",
-            f"{i1}location @qp_retry {{\n",
-            f"{i2}proxy_pass http://qproxy_resolver;\n",
-            _proxy_common(i2),
-            _resolver_headers(i2),
-            f"{i2}proxy_set_header X-QP-Retry 1;\n",
-            f"{i1}}}\n\n",
         ]
     else:
         out += [
@@ -187,6 +181,11 @@ def server_block(config: Config, options: NginxOptions) -> str:
             f"{i2}proxy_set_header X-Original-Method $request_method;\n",
             f"{i1}}}\n\n",
             f"{i1}location @qp_remote {{\n",
+            f"{i2}# The resolver said local but the file is gone (dropped meanwhile): ask again.\n",
+            f"{i2}error_page 418 = @qp_retry;\n",
+            f'{i2}if ($qp_path != "") {{\n',
+            f"{i2}    return 418;\n",
+            f"{i2}}}\n",
             f'{i2}if ($qp_peer != "") {{\n',
             f"{i2}    rewrite ^ $qp_peer last;\n",
             f"{i2}}}\n",
@@ -199,6 +198,14 @@ def server_block(config: Config, options: NginxOptions) -> str:
             f"{i1}}}\n\n",
         ]
     out += [
+        f"{i1}# Asked again with X-QP-Retry: the resolver then answers from S3 (or 404).\n",
+        f"{i1}location @qp_retry {{\n",
+        f"{i2}# $request_uri: after an X-Accel-Redirect, $uri is the internal /_qp/ path.\n",
+        f"{i2}proxy_pass http://qproxy_resolver$request_uri;\n",
+        _proxy_common(i2),
+        _resolver_headers(i2),
+        f"{i2}proxy_set_header X-QP-Retry 1;\n",
+        f"{i1}}}\n\n",
         f"{i1}# A file on another web node: proxied from that node's resolver, whose\n",
         f"{i1}# /internal/blob URL the resolver signed.\n",
         f"{i1}location ~ ^/_qp/peer/([A-Za-z0-9.:\\[\\]-]+)/(.*)$ {{\n",

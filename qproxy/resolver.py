@@ -143,25 +143,29 @@ class Resolver:
             redirect_max_age=self.redirect_max_age,
             retry=retry,
         )
-        if record is None and decision.kind == "missing":
-            # Redis lost the record (a new instance, FLUSHALL) but S3 may hold the file:
-            # never a 404 while a copy exists. Recent misses are remembered briefly.
-            decision = await anyio.to_thread.run_sync(self._from_s3, key, method)
+        if decision.kind == "missing" and (
+            record is None or (retry and record.state not in ("deleted", "pending"))
+        ):
+            # Redis lost the record (a new instance, FLUSHALL), or nginx found the local
+            # copy gone: S3 may still hold the file, and a file is never a 404 while a copy
+            # exists. Recent misses are remembered briefly.
+            name = key if record is None else record.object
+            decision = await anyio.to_thread.run_sync(self._from_s3, key, name, method)
         return decision
 
-    def _from_s3(self, key: str, method: str) -> Decision:
+    def _from_s3(self, key: str, name: str, method: str) -> Decision:
         now = time.monotonic()
-        if self._misses.get(key, 0.0) > now:
+        if self._misses.get(name, 0.0) > now:
             return MISSING
         try:
-            if self.node.remote.exists(key):
-                return Decision("redirect", key=key, url=self.node.remote.url(key, method=method))
+            if self.node.remote.exists(name):
+                return Decision("redirect", key=key, url=self.node.remote.url(name, method=method))
         except QProxyError as exc:
             log.warning("resolver: S3 unavailable: %s", exc)
             return MISSING
         if len(self._misses) > 10_000:
             self._misses.clear()
-        self._misses[key] = now + 5.0
+        self._misses[name] = now + 5.0
         return MISSING
 
     def _degraded(self, key: str, method: str) -> Decision:

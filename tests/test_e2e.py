@@ -292,3 +292,20 @@ def test_one_redis_round_trip_per_resolve(stack: Stack) -> None:
                 seen.append(event["command"])
     assert len(seen) == 1, seen
     assert seen[0].startswith("HGETALL")
+
+
+def test_a_local_copy_gone_under_nginx_is_served_from_s3(any_stack: Stack) -> None:
+    """The resolver said "local", the file vanished before nginx read it: ask again, get S3."""
+    stack = any_stack
+    node = Node(stack.config)
+    key = upload(stack, b"dropped under our feet", "d.txt", "text/plain")
+    wait_state(stack, key, "remote")
+    record = node.state.get(key)
+    assert record is not None
+    # The resolver's view is one step behind: the record still says queued, the local copy
+    # is already gone (as when the janitor drops it between the answer and the read).
+    node.state.transition(key, "queued", gen=record.gen)
+    node.local.remove(key)
+    r = httpx.get(f"{stack.files_url}/media/{key}")
+    assert r.status_code == 302, r.text
+    assert httpx.get(r.headers["location"]).content == b"dropped under our feet"
