@@ -5,13 +5,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
+.PHONY: bench test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
 
-## system-deps: Debian's redis-server and nginx (installed when run as root and absent)
+## system-deps: Debian's redis-server, nginx, and wrk + curl for the benchmarks
+## (installed when run as root and absent)
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
@@ -24,7 +27,7 @@ system-deps:
 ## the virtualenv with qproxy (editable) and what the tests need
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
 demo: system-deps $(STAMP)
@@ -55,14 +58,18 @@ test-django-current: system-deps
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check qproxy tests examples
-	$(BIN)/ruff format --check qproxy tests examples
+	$(BIN)/ruff check qproxy tests examples bench
+	$(BIN)/ruff format --check qproxy tests examples bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+## benchmarks: ratios against baselines measured in the same run (needs wrk and curl)
+bench: system-deps $(STAMP)
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) $(NEWER_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""The apps the benchmarks run: each candidate and the baseline it is measured against."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from werkzeug.formparser import parse_form_data
+
+from qproxy.asgi import UploadMiddleware as AsgiUploadMiddleware
+from qproxy.wsgi import UploadMiddleware as WsgiUploadMiddleware
+
+SINK = os.environ.get("BENCH_SINK", "/tmp/qproxy-bench-sink")
+
+
+def _form_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """What a typical app does with an upload once qproxy has stored it: read the form."""
+    from werkzeug.wrappers import Request as WRequest
+
+    request = WRequest(environ)
+    body = json.dumps({"keys": request.form.getlist("file")}).encode()
+    start_response("201 Created", [("Content-Type", "application/json")])
+    return [body]
+
+
+def wsgi_qproxy() -> Any:
+    return WsgiUploadMiddleware(_form_app)
+
+
+def wsgi_werkzeug(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """The baseline: the app parses the upload itself (werkzeug spools files to disk)."""
+    _, _, files = parse_form_data(environ)
+    os.makedirs(SINK, exist_ok=True)
+    for storage in files.values():
+        target = os.path.join(SINK, os.urandom(8).hex())
+        with open(target, "wb") as out:
+            shutil.copyfileobj(storage.stream, out, 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        os.unlink(target)
+    start_response("201 Created", [("Content-Type", "application/json")])
+    return [b"{}"]
+
+
+def wsgi_s3_inline(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """The old way: the request uploads the file to S3 before it answers."""
+    import boto3
+
+    _, _, files = parse_form_data(environ)
+    client = boto3.client(
+        "s3", endpoint_url=os.environ["QPROXY_S3_ENDPOINT_URL"], region_name="us-east-1"
+    )
+    for storage in files.values():
+        client.upload_fileobj(
+            storage.stream, os.environ["QPROXY_S3_BUCKET"], "inline/" + os.urandom(8).hex()
+        )
+    start_response("201 Created", [("Content-Type", "application/json")])
+    return [b"{}"]
+
+
+async def _starlette_upload(request: Request) -> Response:
+    form = await request.form()
+    return JSONResponse({"keys": [str(v) for v in form.getlist("file")]}, status_code=201)
+
+
+async def _starlette_parse(request: Request) -> Response:
+    """The baseline: Starlette parses the upload itself (python-multipart, spooled files)."""
+    form = await request.form()
+    for value in form.getlist("file"):
+        upload: Any = value
+        os.makedirs(SINK, exist_ok=True)
+        target = os.path.join(SINK, os.urandom(8).hex())
+        with open(target, "wb") as out:
+            while chunk := await upload.read(1024 * 1024):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.unlink(target)
+    await form.close()
+    return JSONResponse({}, status_code=201)
+
+
+def asgi_qproxy() -> Any:
+    return AsgiUploadMiddleware(
+        Starlette(routes=[Route("/upload", _starlette_upload, methods=["POST"])])
+    )
+
+
+def asgi_starlette() -> Any:
+    return Starlette(routes=[Route("/upload", _starlette_parse, methods=["POST"])])
+
+
+async def _bare_resolve(request: Request) -> Response:
+    # What the resolver answers for a local file, without looking anything up.
+    key = request.path_params["key"]
+    return Response(
+        b"",
+        headers={
+            "X-Accel-Redirect": "/_qp/local/" + key,
+            "Content-Type": "application/octet-stream",
+        },
+    )
+
+
+async def _bare_redirect(request: Request) -> Response:
+    return Response(
+        b"",
+        status_code=302,
+        headers={"Location": "http://127.0.0.1:9/" + request.path_params["key"]},
+    )
+
+
+def bare_resolver() -> Any:
+    return Starlette(
+        routes=[
+            Route("/resolve/{key:path}", _bare_resolve),
+            Route("/redirect/{key:path}", _bare_redirect),
+            Route("/metrics", _bare_redirect),
+        ]
+    )

@@ -1,0 +1,840 @@
+"""`make bench`: every figure a ratio against a baseline measured in the same run.
+
+Each row runs its candidate and its baseline alternately for several rounds on this machine
+and reports the medians, their ratio and the spread (min-max). Results go to
+bench/results/latest.json and latest.md, charts to bench/results/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from qproxy.devstack import AWS_TEST_ENV, Stack, find_nginx, free_port
+from qproxy.nginxconf import NginxOptions, full_config
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MiB = 1024 * 1024
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    candidate: str
+    baseline: str
+    cand: list[float] = field(default_factory=list)
+    base: list[float] = field(default_factory=list)
+    higher_is_better: bool = True
+    target: str = ""
+    target_ratio: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.cand or not self.base:
+            return None
+        c, b = statistics.median(self.cand), statistics.median(self.base)
+        return None if b == 0 else c / b
+
+    @property
+    def met(self) -> bool | None:
+        if self.target_ratio is None or self.ratio is None:
+            return None
+        if self.higher_is_better:
+            return self.ratio >= self.target_ratio
+        return self.ratio <= self.target_ratio
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ratio"] = self.ratio
+        out["met"] = self.met
+        for side in ("cand", "base"):
+            values = out[side]
+            out[side + "_median"] = statistics.median(values) if values else None
+            out[side + "_spread"] = [min(values), max(values)] if values else None
+        return out
+
+
+class Bench:
+    def __init__(self, *, quick: bool, rounds: int) -> None:
+        self.quick = quick
+        self.rounds = rounds
+        self.rows: list[Row] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="qproxy-bench-"))
+        os.chmod(self.tmp, 0o755)
+        self.stack = Stack(
+            settings={
+                "PYTHONPATH": str(ROOT),
+                "QPROXY_MAX_UPLOAD_BYTES": str(2 * 1024 * MiB),
+                "BENCH_SINK": str(self.tmp / "sink"),
+            },
+            app="bench.apps:wsgi_qproxy",
+        )
+
+    # -- servers ------------------------------------------------------------------------
+
+    def serve(
+        self, name: str, argv: list[str], health: str, env: dict[str, str] | None = None
+    ) -> str:
+        port = free_port()
+        argv = [a.replace("{port}", str(port)) for a in argv]
+        self.stack.spawn(name, argv, env=env)
+        url = f"http://127.0.0.1:{port}"
+        self.stack.wait_for(
+            name, lambda: httpx.get(url + health, timeout=2).status_code < 500, timeout=60
+        )
+        return url
+
+    def gunicorn(self, name: str, app: str, env: dict[str, str] | None = None) -> str:
+        argv = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            "1",
+            "--threads",
+            "4",
+            "-b",
+            "127.0.0.1:{port}",
+            "--timeout",
+            "300",
+            app,
+        ]
+        return self.serve(name, argv, "/", env)
+
+    def uvicorn(self, name: str, app: str, env: dict[str, str] | None = None) -> str:
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            app,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+        return self.serve(name, argv, "/", env)
+
+    def stop(self, name: str) -> None:
+        service = self.stack.services.pop(name, None)
+        if service is not None:
+            service.stop()
+
+    def nginx(self, name: str, conf: str) -> str:
+        nginx = find_nginx()
+        assert nginx, "nginx is not installed"
+        prefix = self.tmp / name
+        prefix.mkdir(exist_ok=True)
+        os.chmod(prefix, 0o755)
+        port = free_port()
+        path = prefix / "nginx.conf"
+        path.write_text(conf.replace("{port}", str(port)))
+        self.stack.spawn(
+            name, [nginx, "-p", str(prefix), "-c", str(path), "-e", "stderr", "-g", "daemon off;"]
+        )
+        url = f"http://127.0.0.1:{port}"
+        self.stack.wait_for(name, lambda: httpx.get(url + "/", timeout=2).status_code > 0)
+        return url
+
+    # -- measuring ----------------------------------------------------------------------
+
+    def alternate(
+        self, row: Row, candidate: Callable[[], float], baseline: Callable[[], float]
+    ) -> Row:
+        for i in range(self.rounds):
+            pair = [(row.cand, candidate), (row.base, baseline)]
+            for values, fn in pair if i % 2 == 0 else reversed(pair):
+                values.append(fn())
+        self.rows.append(row)
+        print(f"  {row.name}: {fmt(row)}", flush=True)
+        return row
+
+    def curl_upload(self, url: str, path: Path) -> float:
+        """MiB/s of one multipart upload by curl (a client that is not the bottleneck)."""
+        out = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{time_total}",
+                "-F",
+                f"file=@{path}",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        ).stdout.split()
+        assert out[0] in ("200", "201"), out
+        return path.stat().st_size / MiB / float(out[1])
+
+    def curl_time(self, url: str, path: Path) -> float:
+        out = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{time_total}",
+                "-F",
+                f"file=@{path}",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        ).stdout.split()
+        assert out[0] in ("200", "201"), out
+        return float(out[1])
+
+    def wrk(self, url: str, seconds: int) -> dict[str, float]:
+        out = subprocess.run(
+            ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", url],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 30,
+        ).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        lat = {
+            m.group(1): _ms(m.group(2))
+            for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M)
+        }
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        if non2xx:
+            raise RuntimeError(f"{url}: {non2xx.group(1)} error responses")
+        return {"rps": rps, "p50": lat.get("50", 0.0), "p99": lat.get("99", 0.0)}
+
+    def big_file(self, size: int) -> Path:
+        path = self.tmp / f"file-{size}.bin"
+        if not path.exists():
+            block = os.urandom(MiB)
+            with open(path, "wb") as fh:
+                for _ in range(size // MiB):
+                    fh.write(block)
+                fh.write(os.urandom(size % MiB))
+        return path
+
+    def clean_local(self) -> None:
+        """Uploaded files from earlier rounds: out of the way (disk, page cache)."""
+        root = Path(self.stack.env["QPROXY_LOCAL_ROOT"])
+        subprocess.run(
+            [
+                "find",
+                str(root),
+                "-mindepth",
+                "1",
+                "-type",
+                "f",
+                "-not",
+                "-path",
+                "*/.qp/*",
+                "-delete",
+            ],
+            check=False,
+        )
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(\w+)", text)
+    assert match, text
+    factor = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
+def fmt(row: Row) -> str:
+    ratio = row.ratio
+    c = statistics.median(row.cand) if row.cand else float("nan")
+    b = statistics.median(row.base) if row.base else float("nan")
+    verdict = "" if row.met is None else (" ok" if row.met else " MISSED")
+    r = "n/a" if ratio is None else f"{ratio:.2f}x"
+    return f"{c:.1f} vs {b:.1f} {row.unit} -> {r} (target {row.target or '-'}){verdict}"
+
+
+# -- the rows ---------------------------------------------------------------------------
+
+
+def upload_rows(b: Bench) -> None:
+    size = (8 if b.quick else 256) * MiB
+    path = b.big_file(size)
+    worker = b.stack.services["worker"]
+    worker.signal(signal.SIGSTOP)  # transfers would compete for the 2 cores; measured apart
+    try:
+        qp = b.gunicorn("wsgi-qproxy", "bench.apps:wsgi_qproxy()")
+        wz = b.gunicorn("wsgi-werkzeug", "bench.apps:wsgi_werkzeug")
+        ngx = b.nginx("nginx-body", NGINX_BODY.replace("{tmp}", str(b.tmp / "nginx-body")))
+
+        def cand() -> float:
+            rate = b.curl_upload(qp + "/upload", path)
+            b.clean_local()
+            return rate
+
+        row = b.alternate(
+            Row(
+                f"upload {size // MiB} MiB, WSGI (gunicorn)",
+                "MiB/s",
+                "qproxy middleware",
+                "werkzeug parse_form_data",
+                target=">= 1.5x werkzeug",
+                target_ratio=1.5,
+            ),
+            cand,
+            lambda: b.curl_upload(wz + "/upload", path),
+        )
+        b.alternate(
+            Row(
+                f"upload {size // MiB} MiB, WSGI vs nginx ceiling",
+                "MiB/s",
+                "qproxy middleware (WSGI)",
+                "nginx body to disk",
+                target=">= 0.25x nginx",
+                target_ratio=0.25,
+            ),
+            cand,
+            lambda: b.curl_upload(ngx + "/upload", path),
+        )
+        b.stop("wsgi-qproxy")
+        b.stop("wsgi-werkzeug")
+        aq = b.uvicorn("asgi-qproxy", "bench.apps:asgi_qproxy")
+        st = b.uvicorn("asgi-starlette", "bench.apps:asgi_starlette")
+
+        def acand() -> float:
+            rate = b.curl_upload(aq + "/upload", path)
+            b.clean_local()
+            return rate
+
+        b.alternate(
+            Row(
+                f"upload {size // MiB} MiB, ASGI (uvicorn)",
+                "MiB/s",
+                "qproxy middleware",
+                "Starlette request.form()",
+                target=">= 1.0x Starlette",
+                target_ratio=1.0,
+            ),
+            acand,
+            lambda: b.curl_upload(st + "/upload", path),
+        )
+        b.alternate(
+            Row(
+                f"upload {size // MiB} MiB, ASGI vs nginx ceiling",
+                "MiB/s",
+                "qproxy middleware (ASGI)",
+                "nginx body to disk",
+                target=">= 0.25x nginx",
+                target_ratio=0.25,
+            ),
+            acand,
+            lambda: b.curl_upload(ngx + "/upload", path),
+        )
+        b.stop("asgi-qproxy")
+        b.stop("asgi-starlette")
+        b.stop("nginx-body")
+        del row
+    finally:
+        worker.signal(signal.SIGCONT)
+
+
+def memory_row(b: Bench) -> None:
+    size = (16 if b.quick else 1024) * MiB
+    path = b.big_file(size)
+    worker = b.stack.services["worker"]
+    worker.signal(signal.SIGSTOP)
+    try:
+        url = b.gunicorn("wsgi-mem", "bench.apps:wsgi_qproxy()")
+        master = b.stack.services["wsgi-mem"].process.pid
+        child = int(
+            subprocess.run(
+                ["pgrep", "-P", str(master)], capture_output=True, text=True
+            ).stdout.split()[0]
+        )
+        b.curl_upload(url + "/upload", b.big_file(MiB))  # warm up
+        before = _status_kib(child, "VmRSS")
+        b.curl_upload(url + "/upload", path)
+        peak = _status_kib(child, "VmHWM")
+        b.clean_local()
+        growth = max(0.0, (peak - before) / 1024)
+        row = Row(
+            f"memory, one {size // MiB} MiB upload (WSGI)",
+            "MiB",
+            "server peak RSS growth",
+            "-",
+            cand=[growth],
+            higher_is_better=False,
+            target="< 16 MiB",
+        )
+        row.note = "met" if growth < 16 else "MISSED"
+        b.rows.append(row)
+        print(f"  {row.name}: {growth:.1f} MiB ({row.note})", flush=True)
+        b.stop("wsgi-mem")
+    finally:
+        worker.signal(signal.SIGCONT)
+
+
+def _status_kib(pid: int, field_name: str) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return float(re.search(rf"{field_name}:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
+
+
+def latency_row(b: Bench) -> None:
+    path = b.big_file((2 if b.quick else 20) * MiB)
+    qp = b.gunicorn("lat-qproxy", "bench.apps:wsgi_qproxy()")
+    inline = b.gunicorn("lat-inline", "bench.apps:wsgi_s3_inline")
+
+    def cand() -> float:
+        t = b.curl_time(qp + "/upload", path)
+        return t * 1000
+
+    b.alternate(
+        Row(
+            f"request latency, {path.stat().st_size // MiB} MiB upload",
+            "ms",
+            "app behind qproxy",
+            "app uploading to S3 in the request",
+            higher_is_better=False,
+            target="<= 0.3x",
+            target_ratio=0.3,
+        ),
+        cand,
+        lambda: b.curl_time(inline + "/upload", path) * 1000,
+    )
+    b.stop("lat-qproxy")
+    b.stop("lat-inline")
+
+
+def resolve_rows(b: Bench) -> None:
+    seconds = 2 if b.quick else 8
+    stack = b.stack
+    node_root = Path(stack.env["QPROXY_LOCAL_ROOT"])
+    data = os.urandom(64 * 1024)
+    r = httpx.post(stack.front + "/upload", files={"file": ("bench.bin", data)})
+    r.raise_for_status()
+    key = r.json()["keys"][0]
+    stack.services["worker"].signal(signal.SIGSTOP)  # keep it local for this row
+    try:
+        xaccel = stack.front
+        auth = b.nginx(
+            "nginx-auth",
+            full_config(
+                stack.config,
+                NginxOptions(
+                    listen="127.0.0.1:{port}",
+                    app=stack.url("app"),
+                    resolver=stack.url("resolver"),
+                    mode="auth_request",
+                ),
+            ),
+        )
+        bare = b.uvicorn("bare-resolver", "bench.apps:bare_resolver")
+        bare_ngx = b.nginx(
+            "nginx-bare",
+            full_config(
+                stack.config,
+                NginxOptions(listen="127.0.0.1:{port}", app=stack.url("app"), resolver=bare),
+            ),
+        )
+        static = b.nginx("nginx-static", NGINX_STATIC.replace("{root}", str(node_root) + "/"))
+        results: dict[str, list[dict[str, float]]] = {
+            k: [] for k in ("xaccel", "auth", "bare", "static")
+        }
+        urls = {
+            "xaccel": f"{xaccel}/media/{key}",
+            "auth": f"{auth}/media/{key}",
+            "bare": f"{bare_ngx}/media/{key}",
+            "static": f"{static}/static/{key}",
+        }
+        for _ in range(b.rounds):
+            for name, url in urls.items():
+                results[name].append(b.wrk(url, seconds))
+        for name, label, target in (
+            ("xaccel", "X-Accel mode", 0.25),
+            ("auth", "auth_request mode", 0.25),
+        ):
+            row = Row(
+                f"resolve + serve 64 KiB local, {label}",
+                "req/s",
+                f"qproxy resolver ({label})",
+                "nginx static",
+                cand=[x["rps"] for x in results[name]],
+                base=[x["rps"] for x in results["static"]],
+                target=">= 0.25x static (cold)",
+                target_ratio=target,
+            )
+            row.note = (
+                f"p50 {statistics.median(x['p50'] for x in results[name]):.1f} ms, "
+                f"p99 {statistics.median(x['p99'] for x in results[name]):.1f} ms; static p99 "
+                f"{statistics.median(x['p99'] for x in results['static']):.1f} ms"
+            )
+            b.rows.append(row)
+            print(f"  {row.name}: {fmt(row)}", flush=True)
+        row = Row(
+            "resolve + serve 64 KiB local, vs bare Starlette",
+            "req/s",
+            "qproxy resolver (X-Accel)",
+            "bare Starlette X-Accel (no Redis)",
+            cand=[x["rps"] for x in results["xaccel"]],
+            base=[x["rps"] for x in results["bare"]],
+        )
+        b.rows.append(row)
+        print(f"  {row.name}: {fmt(row)}", flush=True)
+        for name in ("nginx-auth", "bare-resolver", "nginx-bare", "nginx-static"):
+            b.stop(name)
+    finally:
+        stack.services["worker"].signal(signal.SIGCONT)
+
+    # Remote: 302s per second straight from the resolver.
+    r = httpx.post(stack.front + "/upload", files={"file": ("remote.bin", data)})
+    rkey = r.json()["keys"][0]
+    from qproxy.node import Node
+
+    node = Node(stack.config)
+    deadline = time.monotonic() + 60
+    while (rec := node.state.get(rkey)) is None or rec.state != "remote":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    public = b.serve(
+        "resolver-public",
+        [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", "{port}"],
+        "/metrics",
+        env={"QPROXY_REDIRECT": "public", "QPROXY_REMOTE_BASE_URL": "https://cdn.example"},
+    )
+    bare = b.uvicorn("bare-302", "bench.apps:bare_resolver")
+    runs: dict[str, list[float]] = {"presigned": [], "public": [], "bare": []}
+    for _ in range(b.rounds):
+        runs["presigned"].append(b.wrk(f"{stack.url('resolver')}/resolve/{rkey}", seconds)["rps"])
+        runs["public"].append(b.wrk(f"{public}/resolve/{rkey}", seconds)["rps"])
+        runs["bare"].append(b.wrk(f"{bare}/redirect/{rkey}", seconds)["rps"])
+    for mode, target in (("presigned", 0.5), ("public", None)):
+        row = Row(
+            f"resolve remote (302/s), {mode}",
+            "req/s",
+            f"resolver, {mode}",
+            "bare Starlette 302",
+            cand=runs[mode],
+            base=runs["bare"],
+            target=">= 0.5x bare" if target else "",
+            target_ratio=target,
+        )
+        b.rows.append(row)
+        print(f"  {row.name}: {fmt(row)}", flush=True)
+    b.stop("resolver-public")
+    b.stop("bare-302")
+
+
+def transfer_row(b: Bench) -> None:
+    import boto3
+
+    from qproxy.node import Node
+    from qproxy.state import StateStore  # noqa: F401
+
+    size = (8 if b.quick else 256) * MiB
+    path = b.big_file(size)
+    node = Node(b.stack.config)
+    s3 = boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
+
+    def cand() -> float:
+        temp = node.local.create_temp()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(MiB):
+                temp.write(chunk)
+        temp.close()
+        key = "bench/t-" + os.urandom(6).hex() + ".bin"
+        started = time.monotonic()
+        node.commit(temp, key, {"filename": "t.bin", "content_type": "application/octet-stream"})
+        while (rec := node.state.get(key)) is None or rec.state != "remote":
+            time.sleep(0.02)
+        rate = size / MiB / (time.monotonic() - started)
+        s3.delete_object(Bucket="qproxy-dev", Key=key)
+        node.local.remove(key)
+        return rate
+
+    def base() -> float:
+        started = time.monotonic()
+        s3.upload_file(str(path), "qproxy-dev", "bench/raw")
+        rate = size / MiB / (time.monotonic() - started)
+        s3.delete_object(Bucket="qproxy-dev", Key="bench/raw")
+        return rate
+
+    b.alternate(
+        Row(
+            f"transfer {size // MiB} MiB to S3",
+            "MiB/s",
+            "worker end to end (queue -> verified -> remote)",
+            "boto3 upload_file",
+            target=">= 0.8x boto3",
+            target_ratio=0.8,
+        ),
+        cand,
+        base,
+    )
+
+
+def state_row(b: Bench) -> None:
+    import redis as redis_lib
+
+    from qproxy.node import Node
+    from qproxy.sweep import requeue_stuck
+
+    n = 20_000 if b.quick else 1_000_000
+    stuck = 100 if b.quick else 1000
+    port = free_port()
+    data = b.tmp / "redis-scale"
+    data.mkdir(exist_ok=True)
+    b.stack.spawn(
+        "redis-scale",
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis_lib.Redis.from_url(url)
+    b.stack.wait_for("redis-scale", lambda: bool(client.ping()))
+    node = Node(b.stack.config.replace(redis_url=url), queue=_NullQueue())
+    state = node.state
+    before = int(client.info("memory")["used_memory"])
+    now = time.time()
+    fields = {
+        "node": "node-1",
+        "node_url": "http://10.0.0.1:8300",
+        "size": 123456,
+        "sha256": hashlib.sha256(b"x").hexdigest(),
+        "filename": "holiday-photo.jpg",
+        "content_type": "image/jpeg",
+        "has_local": False,
+        "has_remote": True,
+    }
+    batch = 2000
+    for start in range(0, n, batch):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(n, start + batch)):
+            key = f"2026/11/26/{i:024d}.jpg"
+            st = "queued" if i < stuck else "remote"
+            score = now - 3600 if i < stuck else now
+            state._create(
+                keys=[state.record_key(key)],
+                args=[state.prefix, key, st, repr(score), "", *_flat({**fields, "created": score})],
+                client=pipe,
+            )
+        pipe.execute()
+    after = int(client.info("memory")["used_memory"])
+    per_record = (after - before) / n
+    started = time.monotonic()
+    requeued = requeue_stuck(node, older_than=now - 600, now=now, limit=stuck * 2)
+    sweep_s = time.monotonic() - started
+    assert requeued == stuck, requeued
+    row = Row(
+        f"state at scale ({n:,} records, {stuck:,} stuck)",
+        "B/record",
+        "Redis memory per record",
+        "-",
+        cand=[per_record],
+        higher_is_better=False,
+        target="<= 300 B/record; sweep <= 1 s",
+    )
+    row.note = (
+        f"sweep of the stuck: {sweep_s * 1000:.0f} ms ({'met' if sweep_s <= 1 else 'MISSED'}); "
+        f"memory {'met' if per_record <= 300 else 'MISSED'}"
+    )
+    b.rows.append(row)
+    print(f"  {row.name}: {per_record:.0f} B/record, sweep {sweep_s * 1000:.0f} ms", flush=True)
+    b.stop("redis-scale")
+
+
+class _NullQueue:
+    def enqueue_transfer(self, key: str, gen: int) -> None:
+        pass
+
+    def enqueue_delete(self, key: str, gen: int) -> None:
+        pass
+
+
+def _flat(fields: dict[str, Any]) -> list[str]:
+    from qproxy.state import _flatten
+
+    return _flatten(fields)
+
+
+NGINX_BODY = """
+worker_processes 1;
+pid nginx.pid;
+error_log error.log warn;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path {tmp};
+    proxy_temp_path proxy_temp; fastcgi_temp_path fastcgi_temp; uwsgi_temp_path uwsgi_temp;
+    scgi_temp_path scgi_temp;
+    client_max_body_size 0;
+    server {
+        listen 127.0.0.1:{port};
+        location = / { return 200 "ok"; }
+        location = /ok { return 200 "ok"; }
+        # nginx reads the whole body into a file (the ceiling), then answers.
+        location = /upload {
+            client_body_in_file_only clean;
+            client_body_buffer_size 1m;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_pass http://127.0.0.1:{port}/ok;
+        }
+    }
+}
+"""
+
+NGINX_STATIC = """
+worker_processes auto;
+pid nginx.pid;
+error_log error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path cb; proxy_temp_path pt; fastcgi_temp_path ft; uwsgi_temp_path ut;
+    scgi_temp_path st;
+    sendfile on;
+    server {
+        listen 127.0.0.1:{port};
+        location = / { return 200 "ok"; }
+        location /static/ { alias {root}; }
+    }
+}
+"""
+
+ROWS: dict[str, Callable[[Bench], None]] = {
+    "upload": upload_rows,
+    "memory": memory_row,
+    "latency": latency_row,
+    "resolve": resolve_rows,
+    "transfer": transfer_row,
+    "state": state_row,
+}
+
+
+def write_results(b: Bench, started: float, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "python": platform.python_version(),
+        "rounds": b.rounds,
+        "quick": b.quick,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (out / "latest.json").write_text(
+        json.dumps({"meta": meta, "rows": [r.as_dict() for r in b.rows]}, indent=2)
+    )
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}, Python {meta['python']}, "
+        f"{b.rounds} rounds each (medians; spread min-max).",
+        "",
+        "| what | candidate | baseline | candidate | baseline | ratio | target | |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in b.rows:
+        c = _cell(r.cand, r.unit)
+        base = _cell(r.base, r.unit) if r.base else "-"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        verdict = "" if r.met is None else ("met" if r.met else "**missed**")
+        note = f" {r.note}" if r.note else ""
+        lines.append(
+            f"| {r.name} | {r.candidate} | {r.baseline} | {c} | {base} | {ratio} | {r.target} | {verdict}{note} |"
+        )
+    (out / "latest.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _charts(b, out)
+
+
+def _cell(values: list[float], unit: str) -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    spread = f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
+    return f"{med:.1f} {unit}{spread}"
+
+
+def _charts(b: Bench, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in b.rows if r.ratio is not None]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(rows)))
+    names = [r.name for r in rows]
+    ratios = [r.ratio or 0 for r in rows]
+    colors = ["#2a7" if r.met or r.met is None else "#c33" for r in rows]
+    ax.barh(names, ratios, color=colors)
+    for i, r in enumerate(rows):
+        if r.target_ratio:
+            ax.plot(
+                [r.target_ratio, r.target_ratio], [i - 0.4, i + 0.4], color="black", linewidth=2
+            )
+    ax.axvline(1.0, color="#888", linewidth=0.8, linestyle="--")
+    ax.invert_yaxis()
+    ax.set_xlabel("candidate / baseline, measured in the same run (black: target; red: missed)")
+    ax.set_title("qproxy benchmarks")
+    fig.tight_layout()
+    fig.savefig(out / "ratios.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny inputs, one round (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", action="append", choices=sorted(ROWS), help="run only these rows")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="where results go (default: bench/results)"
+    )
+    args = parser.parse_args(argv)
+    rounds = 1 if args.quick else args.rounds
+    started = time.monotonic()
+    for name, value in AWS_TEST_ENV.items():  # moto's throwaway credentials
+        os.environ.setdefault(name, value)
+    b = Bench(quick=args.quick, rounds=rounds)
+    print(f"starting the stack in {b.tmp}", flush=True)
+    with b.stack:
+        for name in args.only or list(ROWS):
+            print(f"[{name}]", flush=True)
+            ROWS[name](b)
+        write_results(b, started, args.out)
+    subprocess.run(["rm", "-rf", str(b.tmp)], check=False)
+    return 0

@@ -1,0 +1,43 @@
+"""The benchmarks run (on tiny inputs) so they do not rot. No timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(
+    not (shutil.which("wrk") and shutil.which("curl")), reason="wrk and curl are needed"
+)
+def test_bench_quick_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "latest.json").read_text())
+    names = [row["name"] for row in data["rows"]]
+    for prefix in (
+        "upload",
+        "memory",
+        "request latency",
+        "resolve + serve",
+        "resolve remote",
+        "transfer",
+        "state",
+    ):
+        assert any(name.startswith(prefix) for name in names), (prefix, names)
+    for row in data["rows"]:
+        assert row["cand_median"] is not None and row["cand_median"] > 0, row
+    assert (tmp_path / "latest.md").read_text().startswith("Measured ")
+    assert (tmp_path / "ratios.png").stat().st_size > 1000
