@@ -6,6 +6,7 @@ import base64
 import contextlib
 import hashlib
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any
@@ -63,6 +64,7 @@ class RemoteStore:
         self.prefix = config.s3_prefix
         self._client = client
         self._lock = threading.Lock()
+        self._signed: dict[tuple[str, str], tuple[str, float]] = {}
 
     @property
     def client(self) -> S3Client:
@@ -219,11 +221,22 @@ class RemoteStore:
             base = (self.config.remote_base_url or "").rstrip("/")
             return f"{base}/{quote(self.object_key(key), safe='/')}"
         operation = "head_object" if method == "HEAD" else "get_object"
-        return self.client.generate_presigned_url(
+        # Signing costs ~100 us of CPU; a URL signed a moment ago is as good (it lives for
+        # presign_expires, redirects are cached for at most half of that), so reuse it for
+        # a tenth of its life.
+        now = time.monotonic()
+        cached = self._signed.get((key, operation))
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        url = self.client.generate_presigned_url(
             operation,
             Params={"Bucket": self.bucket, "Key": self.object_key(key)},
             ExpiresIn=self.config.presign_expires,
         )
+        if len(self._signed) >= 50_000:
+            self._signed.clear()
+        self._signed[(key, operation)] = (url, now + self.config.presign_expires / 10)
+        return url
 
     def ensure_bucket(self) -> None:
         try:

@@ -29,7 +29,7 @@ from qproxy.errors import InvalidKey, QProxyError, StateUnavailable
 from qproxy.headers import check_signature, content_disposition, signed_query
 from qproxy.keys import validate_key
 from qproxy.node import Node
-from qproxy.state import LOCAL_STATES, FileRecord
+from qproxy.state import LOCAL_STATES, AsyncStateReader, FileRecord
 from qproxy.sweep import sweep
 
 log = logging.getLogger("qproxy.resolver")
@@ -100,6 +100,7 @@ class Resolver:
         self.config = self.node.config
         self.standalone = self.config.standalone if standalone is None else standalone
         self.counts: Counter[str] = Counter()
+        self.reader = AsyncStateReader(self.config.redis_url)
         self._misses: dict[str, float] = {}
         self.redirect_max_age = self.config.redirect_max_age
         public = self.config.public_path
@@ -130,7 +131,7 @@ class Resolver:
             return node.local.exists(key)
 
         try:
-            record = await anyio.to_thread.run_sync(node.state.get, key)
+            record = await self.reader.get(key)
         except StateUnavailable as exc:
             log.warning("resolver: Redis unavailable (%s); falling back to disk, then S3", exc)
             return await anyio.to_thread.run_sync(self._degraded, key, method)

@@ -324,6 +324,23 @@ class StateStore:
             return False
 
 
+class AsyncStateReader:
+    """Reads records from an event loop (the resolver), without a thread per lookup."""
+
+    def __init__(self, url: str, *, prefix: str = PREFIX) -> None:
+        import redis.asyncio
+
+        self.prefix = prefix
+        self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+
+    async def get(self, key: str) -> FileRecord | None:
+        try:
+            raw = cast(dict[bytes, bytes], await self.redis.hgetall(f"{self.prefix}f:{key}"))
+        except (redis.RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
+        return FileRecord.from_hash(key, raw) if raw else None
+
+
 def _flatten(fields: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     for name, value in fields.items():
