@@ -62,7 +62,7 @@ local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated', ARGV[4], 'version', version)
 if stale ~= '' then redis.call('HSET', KEYS[1], 'stale', stale) end
-redis.call('ZADD', ARGV[1] .. 's:' .. ARGV[3], ARGV[4], ARGV[2])
+if ARGV[3] ~= 'remote' then redis.call('ZADD', ARGV[1] .. 's:' .. ARGV[3], ARGV[4], ARGV[2]) end
 return {1, gen}
 """
 
@@ -83,7 +83,7 @@ for i = 10, #ARGV, 2 do
   else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 if cur[1] ~= ARGV[3] then redis.call('ZREM', ARGV[1] .. 's:' .. cur[1], ARGV[2]) end
-redis.call('ZADD', ARGV[1] .. 's:' .. ARGV[3], ARGV[4], ARGV[2])
+if ARGV[3] ~= 'remote' then redis.call('ZADD', ARGV[1] .. 's:' .. ARGV[3], ARGV[4], ARGV[2]) end
 if ARGV[8] ~= '' then redis.call('ZADD', ARGV[1] .. 'drop:' .. ARGV[8], ARGV[9], ARGV[2]) end
 return {1, gen}
 """
@@ -255,6 +255,14 @@ class StateStore:
     def keys_in_state(
         self, state: State, *, older_than: float | None = None, limit: int = 1000
     ) -> list[str]:
+        """Keys in ``state``, oldest change first (for ``remote``: any order, by a scan).
+
+        Every state but ``remote`` has an index sorted by last change, so sweeps cost what is
+        stuck. Remote files, the vast majority, are not indexed: it halves the memory a
+        record costs, and only listings ask for them.
+        """
+        if state == "remote":
+            return self._scan_state("remote", limit)
         top = "+inf" if older_than is None else repr(older_than)
         try:
             members = self.redis.zrangebyscore(
@@ -263,6 +271,19 @@ class StateStore:
         except redis.RedisError as exc:
             raise StateUnavailable(str(exc)) from exc
         return [m.decode() for m in cast(list[bytes], members)]
+
+    def _scan_state(self, state: State, limit: int) -> list[str]:
+        found: list[str] = []
+        start = len(self.prefix) + 2
+        try:
+            for name in self.redis.scan_iter(match=f"{self.prefix}f:*", count=1000):
+                if self.redis.hget(name, "state") == state.encode():
+                    found.append(name.decode()[start:])
+                    if len(found) >= limit:
+                        break
+        except redis.RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
+        return found
 
     def count(self, state: State) -> int:
         return int(self.redis.zcard(f"{self.prefix}s:{state}"))
