@@ -570,6 +570,75 @@ def transfer_row(b: Bench) -> None:
     )
 
 
+def transfer_many_row(b: Bench) -> None:
+    """Many small files: the worker pool end to end against a put_object loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    from qproxy.node import Node
+
+    count = 40 if b.quick else 1000
+    width = b.stack.worker_concurrency
+    node = Node(b.stack.config)
+    s3 = boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
+    payload = os.urandom(64 * 1024)
+    worker = b.stack.services["worker"]
+
+    def cand() -> float:
+        keys = []
+        worker.signal(signal.SIGSTOP)  # queue them all first: measure the pool, not intake
+        try:
+            for _ in range(count):
+                temp = node.local.create_temp()
+                temp.write(payload)
+                temp.close()
+                key = "bench/many-" + os.urandom(6).hex() + ".bin"
+                node.commit(
+                    temp, key, {"filename": "m.bin", "content_type": "application/octet-stream"}
+                )
+                keys.append(key)
+        finally:
+            started = time.monotonic()
+            worker.signal(signal.SIGCONT)
+        pending = list(keys)
+        while pending:
+            pipe = node.state.redis.pipeline(transaction=False)
+            for key in pending:
+                pipe.hget(node.state.record_key(key), "state")
+            states = pipe.execute()
+            pending = [k for k, st in zip(pending, states, strict=True) if st != b"remote"]
+            time.sleep(0.05)
+        rate = count / (time.monotonic() - started)
+        for key in keys:
+            s3.delete_object(Bucket="qproxy-dev", Key=key)
+            node.local.remove(key)
+        return rate
+
+    def base() -> float:
+        names = [f"bench/raw-{i}" for i in range(count)]
+        started = time.monotonic()
+        with ThreadPoolExecutor(width) as pool:
+            list(pool.map(lambda n: s3.put_object(Bucket="qproxy-dev", Key=n, Body=payload), names))
+        rate = count / (time.monotonic() - started)
+        for name in names:
+            s3.delete_object(Bucket="qproxy-dev", Key=name)
+        return rate
+
+    b.alternate(
+        Row(
+            f"transfer {count:,} files of 64 KiB",
+            "files/s",
+            f"worker pool ({width} processes), end to end",
+            f"put_object loop, {width} threads",
+            target=">= 0.7x",
+            target_ratio=0.7,
+        ),
+        cand,
+        base,
+    )
+
+
 def state_row(b: Bench) -> None:
     import redis as redis_lib
 
@@ -716,6 +785,7 @@ ROWS: dict[str, Callable[[Bench], None]] = {
     "latency": latency_row,
     "resolve": resolve_rows,
     "transfer": transfer_row,
+    "transfer-many": transfer_many_row,
     "state": state_row,
 }
 

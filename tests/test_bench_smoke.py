@@ -33,7 +33,8 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         "request latency",
         "resolve + serve",
         "resolve remote",
-        "transfer",
+        "transfer 8 MiB",
+        "transfer 40 files",
         "state",
     ):
         assert any(name.startswith(prefix) for name in names), (prefix, names)
