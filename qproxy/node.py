@@ -137,6 +137,8 @@ class Node:
             "has_local": True,
             **fields,
         }
+        if not enqueue:
+            record["hold"] = True  # the sweep leaves it alone until enqueue() is called
         self.local.journal.append({"op": "commit", "key": key, "ts": time.time(), **record})
         try:
             gen = self.state.create(key, "local", record, replace=replace)
@@ -152,7 +154,9 @@ class Node:
         """Send the transfer job and move the record from ``local`` to ``queued``."""
         self.queue.enqueue_transfer(key, gen)
         with contextlib.suppress(LeaseLost):  # a worker already picked it up
-            self.state.transition(key, "queued", gen=gen, from_states=("local",))
+            self.state.transition(
+                key, "queued", gen=gen, from_states=("local",), fields={"hold": ""}
+            )
 
     def enqueue(self, key: str) -> bool:
         """Queue the transfer of a committed file (again). False if there is nothing to do."""

@@ -121,6 +121,7 @@ class FileRecord:
     has_local: bool = True
     has_remote: bool = False
     version: int = 1
+    hold: bool = False  # stored with delayed=True: transferred only when asked
     stale: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -147,6 +148,7 @@ class FileRecord:
             has_local=h.get("has_local", "1") == "1",
             has_remote=h.get("has_remote", "0") == "1",
             version=int(h.get("version", 1) or 1),
+            hold=h.get("hold", "0") == "1",
             stale=tuple(n for n in h.get("stale", "").split(",") if n),
             meta=json.loads(h["meta"]) if h.get("meta") else {},
         )

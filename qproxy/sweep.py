@@ -120,10 +120,14 @@ def restore_local(node: Node, key: str, entry: dict[str, Any]) -> bool:
         if name in entry
     }
     fields["has_local"] = True
+    if entry.get("hold"):
+        fields["hold"] = True
     try:
         gen = node.state.create(key, "local", fields)
     except LeaseLost:
         return False  # someone recorded it meanwhile
+    if fields.get("hold"):
+        return True
     with contextlib.suppress(Exception):
         node.queue_transfer(key, gen)
     log.info("restored %s from the journal", key)
@@ -153,6 +157,8 @@ def requeue_stuck(node: Node, *, older_than: float, now: float, limit: int = 100
                 continue
             if name == "transferring" and record.lease_until > now:
                 continue  # a live run owns it
+            if record.hold:
+                continue  # delayed on purpose (QueuedStorage(delayed=True))
             if requeue(node, record):
                 requeued += 1
     # Deletes whose job was lost: send it again (purging twice is harmless).

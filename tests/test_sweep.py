@@ -100,3 +100,23 @@ def test_sweep_cli_reports(stack: Stack) -> None:
         "requeued",
         "multipart_aborted",
     }
+
+
+def test_sweep_leaves_delayed_files_alone(stack: Stack) -> None:
+    node = Node(stack.config, queue=NoQueue())
+    node.local.ensure()
+    temp = node.local.create_temp()
+    temp.write(b"later, on request")
+    temp.close()
+    key = "delayed/" + os.urandom(4).hex() + ".txt"
+    node.commit(temp, key, {"filename": "d.txt"}, enqueue=False)
+    assert requeue_stuck(node, older_than=time.time() + 1, now=time.time()) == 0 or (
+        node.state.get(key).state == "local"  # type: ignore[union-attr]
+    )
+    record = node.state.get(key)
+    assert record is not None and record.state == "local" and record.hold
+    real = Node(stack.config)
+    assert real.enqueue(key)  # asked for: now it goes
+    wait_state(real, key, "remote")
+    record = real.state.get(key)
+    assert record is not None and not record.hold
