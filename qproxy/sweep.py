@@ -237,6 +237,12 @@ def reconcile(node: Node) -> ReconcileReport:
     report = ReconcileReport()
     state, remote = node.state, node.remote
     remote_keys: set[str] = set()
+    # The journal is read once: the last commit entry of each key.
+    commits = {
+        e["key"]: e
+        for e in node.local.journal.entries()
+        if e.get("op") == "commit" and e.get("key")
+    }
     paginator = remote.client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=remote.bucket, Prefix=remote.prefix):
         for obj in page.get("Contents", []):
@@ -254,7 +260,7 @@ def reconcile(node: Node) -> ReconcileReport:
             except Exception as exc:
                 raise RemoteError(f"reconcile: head of {key} failed: {exc}") from exc
             sha = head.get("Metadata", {}).get("sha256", "")
-            entry = _journal_entry(node, key)
+            entry = commits.get(key)
             has_local = node.local.exists(key)
             fields: dict[str, Any] = {
                 "node": (entry or {}).get("node", node.config.node_id),
@@ -300,14 +306,6 @@ def reconcile(node: Node) -> ReconcileReport:
         if restore_local(node, key, entry):
             report.from_disk += 1
     return report
-
-
-def _journal_entry(node: Node, key: str) -> dict[str, Any] | None:
-    found = None
-    for entry in node.local.journal.entries():
-        if entry.get("key") == key and entry.get("op") == "commit":
-            found = entry
-    return found
 
 
 def _local_files(node: Node) -> list[str]:
