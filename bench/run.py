@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from qproxy.devstack import AWS_TEST_ENV, Stack, find_nginx, free_port
+from qproxy.devstack import AWS_TEST_ENV, Stack, free_port
 from qproxy.nginxconf import NginxOptions, full_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,20 +143,7 @@ class Bench:
             service.stop()
 
     def nginx(self, name: str, conf: str) -> str:
-        nginx = find_nginx()
-        assert nginx, "nginx is not installed"
-        prefix = self.tmp / name
-        prefix.mkdir(exist_ok=True)
-        os.chmod(prefix, 0o755)
-        port = free_port()
-        path = prefix / "nginx.conf"
-        path.write_text(conf.replace("{port}", str(port)))
-        self.stack.spawn(
-            name, [nginx, "-p", str(prefix), "-c", str(path), "-e", "stderr", "-g", "daemon off;"]
-        )
-        url = f"http://127.0.0.1:{port}"
-        self.stack.wait_for(name, lambda: httpx.get(url + "/", timeout=2).status_code > 0)
-        return url
+        return self.stack.add_nginx(name, conf)
 
     # -- measuring ----------------------------------------------------------------------
 

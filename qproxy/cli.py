@@ -204,7 +204,15 @@ def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.nginxconf import NginxOptions, full_config, server_block
 
     config = _config()
-    options = NginxOptions(listen=args.listen, app=args.app, resolver=args.resolver, mode=args.mode)
+    options = NginxOptions(
+        listen=args.listen,
+        app=args.app,
+        resolver=args.resolver,
+        mode=args.mode,
+        micro_cache=args.micro_cache,
+        micro_cache_listen=args.micro_cache_listen,
+        micro_cache_path=args.micro_cache_path or NginxOptions.micro_cache_path,
+    )
     print(full_config(config, options) if args.full else server_block(config, options), end="")
     return 0
 
@@ -345,6 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolver",
         default="http://127.0.0.1:8300",
         help="URL of the resolver (default: http://127.0.0.1:8300)",
+    )
+    p.add_argument(
+        "--micro-cache",
+        action="store_true",
+        help="let nginx reuse the resolver's answers briefly (1 s for a local file, never a "
+        "404): hot files cost no Redis lookup. A deleted file may be served for up to 1 s more.",
+    )
+    p.add_argument(
+        "--micro-cache-listen",
+        default="127.0.0.1:8301",
+        help="loopback HOST:PORT of the caching hop in x-accel mode (default: 127.0.0.1:8301)",
+    )
+    p.add_argument(
+        "--micro-cache-path",
+        default="",
+        help="folder for the cached answers (default: /var/cache/nginx/qproxy; with --full, "
+        "qproxy_decisions under nginx's prefix)",
     )
     p.set_defaults(func=cmd_nginx_config)
 

@@ -99,6 +99,7 @@ class Stack:
     settings: dict[str, str] = field(default_factory=dict)
     app: str = "qproxy.demo:make_app"
     worker_concurrency: int = 2
+    micro_cache: bool = False  # nginx-config --micro-cache
     services: dict[str, Service] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     _own_base: bool = False
@@ -335,22 +336,38 @@ class Stack:
             app=self.url("app"),
             resolver=self.url("resolver"),
             mode=self.mode,
+            micro_cache=self.micro_cache,
+            micro_cache_listen=f"127.0.0.1:{free_port()}",
         )
-        prefix = self.dir / "nginx"
+        return self._nginx_prefix("nginx", full_config(self.config, options))
+
+    def _nginx_prefix(self, name: str, conf_text: str) -> Path:
+        prefix = self.dir / name
         prefix.mkdir(exist_ok=True)
         os.chmod(prefix, 0o755)
         conf = prefix / "nginx.conf"
-        conf.write_text(full_config(self.config, options))
+        conf.write_text(conf_text)
         return conf
 
     def start_nginx(self) -> None:
+        self._run_nginx("nginx", self.nginx_conf(), self.url("nginx"))
+
+    def add_nginx(self, name: str, conf_text: str) -> str:
+        """Another nginx beside the stack's (benchmarks, other modes); ``{port}`` in the text
+        becomes a free port. Returns its URL."""
+        port = free_port()
+        conf = self._nginx_prefix(name, conf_text.replace("{port}", str(port)))
+        url = f"http://127.0.0.1:{port}"
+        self._run_nginx(name, conf, url)
+        return url
+
+    def _run_nginx(self, name: str, conf: Path, url: str) -> None:
         nginx = find_nginx()
         if nginx is None:
             raise StackError("nginx is not installed (Debian: apt-get install nginx)")
-        conf = self.nginx_conf()
         argv = [nginx, "-p", str(conf.parent), "-c", str(conf), "-e", "stderr", "-g", "daemon off;"]
-        self.spawn("nginx", argv)
-        self.wait_for("nginx", lambda: self._http_ok(self.url("nginx") + "/"))
+        self.spawn(name, argv)
+        self.wait_for(name, lambda: self._http_ok(url + "/"))
 
 
 def _read_from(path: Path, offset: int) -> bytes:

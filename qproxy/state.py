@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+import hiredis
 import redis
 
 from qproxy.errors import LeaseLost, StateUnavailable
@@ -351,17 +352,21 @@ class AsyncStateReader:
     """Reads records from an event loop (the resolver), without a thread per lookup."""
 
     def __init__(self, url: str, *, prefix: str = PREFIX) -> None:
-        import redis.asyncio
+        from qproxy.resp import PipelinedRedis
 
         self.prefix = prefix
-        self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self.redis = PipelinedRedis(url, timeout=5, connect_timeout=2)
 
     async def get(self, key: str) -> FileRecord | None:
+        from qproxy.resp import RedisUnavailable
+
         try:
-            raw = cast(dict[bytes, bytes], await self.redis.hgetall(f"{self.prefix}f:{key}"))
-        except (redis.RedisError, OSError) as exc:
+            flat = await self.redis.call("HGETALL", self.prefix + "f:" + key)
+        except (RedisUnavailable, hiredis.ReplyError) as exc:
             raise StateUnavailable(str(exc)) from exc
-        return FileRecord.from_hash(key, raw) if raw else None
+        if not flat:
+            return None
+        return FileRecord.from_hash(key, dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
 def _flatten(fields: Mapping[str, Any]) -> list[str]:

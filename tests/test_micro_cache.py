@@ -1,0 +1,103 @@
+"""nginx micro-caching of the resolver's answers (`qproxy nginx-config --micro-cache`).
+
+Real nginx with the shipped config, beside the session stack: hot keys are answered from
+nginx's cache, misses are never cached, HEAD and GET keep their own presigned URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qproxy.devstack import Stack, free_port
+from qproxy.nginxconf import NginxOptions, full_config
+from qproxy.node import Node
+from tests.conftest import needs_nginx, wait_state
+
+pytestmark = needs_nginx
+
+
+def _lookups(stack: Stack) -> int:
+    text = httpx.get(stack.url("resolver") + "/metrics").text
+    return sum(
+        int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("qproxy_")
+    )
+
+
+@pytest.fixture(scope="module", params=["x-accel", "auth_request"])
+def cached(request: pytest.FixtureRequest, stack: Stack) -> Iterator[str]:
+    if not stack.use_nginx:
+        pytest.skip("nginx is not installed")
+    mode = request.param
+    options = NginxOptions(
+        listen="127.0.0.1:{port}",
+        app=stack.url("app"),
+        resolver=stack.url("resolver"),
+        mode=mode,
+        micro_cache=True,
+        micro_cache_listen=f"127.0.0.1:{free_port()}",
+    )
+    name = f"nginx-micro-{mode}"
+    url = stack.add_nginx(name, full_config(stack.config, options))
+    yield url
+    stack.services.pop(name).stop()
+
+
+def _upload(stack: Stack, data: bytes, name: str = "hot.bin") -> str:
+    r = httpx.post(stack.front + "/upload", files={"file": (name, data)})
+    r.raise_for_status()
+    key: str = r.json()["keys"][0]
+    return key
+
+
+def test_hot_key_is_answered_from_nginx_cache(cached: str, stack: Stack) -> None:
+    data = os.urandom(50_000)
+    key = _upload(stack, data)
+    with httpx.Client(follow_redirects=True) as client:
+        client.get(f"{cached}/media/{key}")  # fills the cache
+        before = _lookups(stack)
+        bodies = [client.get(f"{cached}/media/{key}") for _ in range(40)]
+        asked = _lookups(stack) - before
+    assert all(r.status_code == 200 and r.content == data for r in bodies)
+    # 40 requests in well under a few seconds, a 1 s TTL: a handful of lookups at most.
+    assert asked <= 8, f"the resolver was asked {asked} times for 40 requests"
+
+    # Without the micro-cache every request asks the resolver.
+    before = _lookups(stack)
+    for _ in range(10):
+        assert httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True).content == data
+    assert _lookups(stack) - before >= 10
+
+
+def test_a_miss_is_not_cached(cached: str, stack: Stack, node: Node, tmp_path: Path) -> None:
+    key = f"micro/{os.urandom(6).hex()}.txt"
+    assert httpx.get(f"{cached}/media/{key}").status_code == 404
+    src = tmp_path / "late.txt"
+    src.write_bytes(b"arrived after a 404\n")
+    env = {**os.environ, **stack.env}
+    subprocess.run(
+        [sys.executable, "-m", "qproxy", "put", "--key", key, str(src)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    r = httpx.get(f"{cached}/media/{key}", follow_redirects=True)
+    assert r.status_code == 200, "a 404 was served from nginx's cache after the file arrived"
+    assert r.content == b"arrived after a 404\n"
+
+
+def test_head_and_get_keep_their_own_presigned_urls(cached: str, stack: Stack, node: Node) -> None:
+    key = _upload(stack, b"remote bytes" * 100, "r.bin")
+    wait_state(node, key, "remote")
+    for _ in range(2):  # the second round comes from the cache
+        get = httpx.get(f"{cached}/media/{key}")
+        head = httpx.head(f"{cached}/media/{key}")
+        assert get.status_code == head.status_code == 302
+        assert get.headers["location"] != head.headers["location"]
+        assert httpx.get(get.headers["location"]).content == b"remote bytes" * 100
