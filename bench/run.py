@@ -28,6 +28,7 @@ import httpx
 
 from qproxy.devstack import AWS_TEST_ENV, Stack, free_port
 from qproxy.nginxconf import NginxOptions, full_config
+from qproxy.state import FIELDS, timestamp
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -618,7 +619,7 @@ def transfer_many_row(b: Bench) -> None:
         while pending:
             pipe = node.state.redis.pipeline(transaction=False)
             for key in pending:
-                pipe.hget(node.state.record_key(key), "state")
+                pipe.hget(node.state.record_key(key), FIELDS["state"])
             states = pipe.execute()
             pending = [k for k, st in zip(pending, states, strict=True) if st != b"remote"]
             time.sleep(0.05)
@@ -686,28 +687,42 @@ def state_row(b: Bench) -> None:
     state = node.state
     before = int(client.info("memory")["used_memory"])
     now = time.time()
+    # The fields a real upload's record has: written by the commit, then changed by the
+    # worker (transferring, remote) and the origin's drop of its copy.
     fields = {
         "node": "node-1",
         "node_url": "http://10.0.0.1:8300",
         "size": 123456,
         "sha256": hashlib.sha256(b"x").hexdigest(),
+        "has_local": True,
         "filename": "holiday-photo.jpg",
         "content_type": "image/jpeg",
-        "has_local": False,
+    }
+    done = {
+        "lease": "",
+        "lease_until": "",
+        "error": "",
+        "attempts": 1,
+        "remote_at": now,
         "has_remote": True,
+        "node_url": "",
+        "has_local": False,
     }
     batch = 2000
     for start in range(0, n, batch):
         pipe = client.pipeline(transaction=False)
         for i in range(start, min(n, start + batch)):
             key = f"2026/11/26/{i:024d}.jpg"
-            st = "queued" if i < stuck else "remote"
-            score = now - 3600 if i < stuck else now
-            state._create(
-                keys=[state.record_key(key)],
-                args=[state.prefix, key, st, repr(score), "", *_flat({**fields, "created": score})],
-                client=pipe,
-            )
+            record_key = [state.record_key(key)]
+            if i < stuck:
+                when = timestamp(now - 3600)
+                args = [state.prefix, key, "queued", when, "", *_flat(fields)]
+                state._create(keys=record_key, args=args, client=pipe)
+                continue
+            args = [state.prefix, key, "local", timestamp(now), "", *_flat(fields)]
+            state._create(keys=record_key, args=args, client=pipe)
+            args = [state.prefix, key, "remote", timestamp(now), "", "", "", "", ""]
+            state._transition(keys=record_key, args=[*args, *_flat(done)], client=pipe)
         pipe.execute()
     after = int(client.info("memory")["used_memory"])
     per_record = (after - before) / n
@@ -745,6 +760,7 @@ def _flat(fields: dict[str, Any]) -> list[str]:
     from qproxy.state import _flatten
 
     return _flatten(fields)
+
 
 
 NGINX_BODY = """

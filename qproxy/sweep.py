@@ -264,7 +264,6 @@ def reconcile(node: Node) -> ReconcileReport:
             has_local = node.local.exists(key)
             fields: dict[str, Any] = {
                 "node": (entry or {}).get("node", node.config.node_id),
-                "node_url": (entry or {}).get("node_url", node.config.node_url),
                 "size": head["ContentLength"],
                 "sha256": sha,
                 "filename": (entry or {}).get("filename", ""),

@@ -265,6 +265,8 @@ def transfer(node: Node, key: str, *, attempts_left: int = 1) -> str:
                 "error": "",
                 "remote_at": time.time(),
                 "has_remote": True,
+                # Served from S3 from now on: no node serves it to peers any more.
+                "node_url": "",
             },
             drop=(record.node, time.time() + keep),
         )
@@ -348,9 +350,22 @@ def purge(node: Node, key: str) -> str:
     if record.node == node.config.node_id and node.local.exists(key):
         node.local.remove(key)
         fields["has_local"] = False
-    try:
-        state.transition(key, "deleted", gen=record.gen, from_states=("deleted",), fields=fields)
-    except LeaseLost:
+    for _ in range(5):
+        try:
+            state.transition(
+                key, "deleted", gen=record.gen, from_states=("deleted",), fields=fields
+            )
+            break
+        except LeaseLost:
+            # The origin's janitor may have marked its copy gone meanwhile (a new
+            # generation of the same deleted record): read it again and retry.
+            again = state.get(key)
+            if again is None:
+                return "gone"
+            if again.state != "deleted" or again.version != record.version:
+                return "conflict"
+            record = again
+    else:
         return "conflict"
     state.forget(key)
     return "deleted"
