@@ -7,6 +7,7 @@ blocks the event loop; the app sees the rewritten form once the files are on dis
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qproxy.config import Config
 from qproxy.errors import QProxyError
+from qproxy.headers import OFFLOAD_FILE_HEADER, OFFLOAD_TOKEN_HEADER
 from qproxy.intercept import KEY_HEADER, check_length, error_response, should_commit
 from qproxy.node import Intake, Node
 
@@ -23,7 +25,11 @@ log = logging.getLogger("qproxy")
 # Body messages are gathered up to this size before one hop to the worker thread.
 FEED_SIZE = 1024 * 1024
 _KEY = KEY_HEADER.lower().encode()
-_DROP = frozenset({b"content-length", b"transfer-encoding", _KEY})
+_FILE = OFFLOAD_FILE_HEADER.lower().encode()
+_TOKEN = OFFLOAD_TOKEN_HEADER.lower().encode()
+# Headers only qproxy may set for the app (or only nginx for qproxy): never passed on.
+_PRIVATE = frozenset({_KEY, _FILE, _TOKEN})
+_DROP = frozenset({b"content-length", b"transfer-encoding", *_PRIVATE})
 
 
 class ClientDisconnected(Exception):
@@ -45,19 +51,25 @@ class UploadMiddleware:
             await self.app(scope, receive, send)
             return
         raw_headers: list[tuple[bytes, bytes]] = list(scope.get("headers", []))
-        # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.
-        if any(name == _KEY for name, _ in raw_headers):
-            raw_headers = [(n, v) for n, v in raw_headers if n != _KEY]
-            scope = {**scope, "headers": raw_headers}
         headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in raw_headers}
+        # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.
+        if any(name in _PRIVATE for name, _ in raw_headers):
+            raw_headers = [(n, v) for n, v in raw_headers if n not in _PRIVATE]
+            scope = {**scope, "headers": raw_headers}
+        body_file = headers.get("x-qproxy-body-file")
         try:
-            intake = self.node.intake(
+            make_intake = functools.partial(
+                self.node.intake,
                 method=scope["method"],
                 path=scope["path"],
                 content_type=headers.get("content-type"),
                 content_disposition=headers.get("content-disposition"),
+                body_file=body_file,
+                body_token=headers.get("x-qproxy-body-token"),
             )
-            if intake is not None:
+            # An offloaded body is hashed and fsynced on taking it: not on the event loop.
+            intake = await anyio.to_thread.run_sync(make_intake) if body_file else make_intake()
+            if intake is not None and not intake.offloaded:
                 check_length(
                     headers.get("content-length"),
                     chunked=True,
@@ -71,7 +83,8 @@ class UploadMiddleware:
             return
 
         try:
-            await self._read_body(receive, intake)
+            if not intake.offloaded:
+                await self._read_body(receive, intake)
         except QProxyError as exc:
             await anyio.to_thread.run_sync(intake.discard)
             log.info("qproxy: upload refused (%s): %s", exc.status, exc.reason)

@@ -212,6 +212,7 @@ def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
         micro_cache=args.micro_cache,
         micro_cache_listen=args.micro_cache_listen,
         micro_cache_path=args.micro_cache_path or NginxOptions.micro_cache_path,
+        offload=args.offload,
     )
     print(full_config(config, options) if args.full else server_block(config, options), end="")
     return 0
@@ -370,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="folder for the cached answers (default: /var/cache/nginx/qproxy; with --full, "
         "qproxy_decisions under nginx's prefix)",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="on QPROXY_RAW_UPLOAD_PATHS let nginx write the body to disk itself and hand "
+        "qproxy the file (hashed and renamed into the store, not copied); the app must run "
+        "as nginx's worker user or root",
     )
     p.set_defaults(func=cmd_nginx_config)
 

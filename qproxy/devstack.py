@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from qproxy.config import Config
+from qproxy.local import LocalStore
 from qproxy.nginxconf import Mode, NginxOptions, full_config
 
 AWS_TEST_ENV = {
@@ -100,6 +101,7 @@ class Stack:
     app: str = "qproxy.demo:make_app"
     worker_concurrency: int = 2
     micro_cache: bool = False  # nginx-config --micro-cache
+    offload: bool = False  # nginx-config --offload (needs QPROXY_RAW_UPLOAD_PATHS)
     services: dict[str, Service] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     _own_base: bool = False
@@ -338,7 +340,10 @@ class Stack:
             mode=self.mode,
             micro_cache=self.micro_cache,
             micro_cache_listen=f"127.0.0.1:{free_port()}",
+            offload=self.offload,
         )
+        # nginx creates its body folder (offload) but not the folders above it.
+        LocalStore(self.config.local_path).ensure()
         return self._nginx_prefix("nginx", full_config(self.config, options))
 
     def _nginx_prefix(self, name: str, conf_text: str) -> Path:

@@ -41,3 +41,17 @@ def check_signature(secret: str, key: str, expires: str, signature: str) -> bool
     if exp < time.time():
         return False
     return hmac.compare_digest(sign(secret, key, exp), signature)
+
+
+OFFLOAD_FILE_HEADER = "X-QProxy-Body-File"
+OFFLOAD_TOKEN_HEADER = "X-QProxy-Body-Token"
+
+
+def offload_token(secret: str) -> str:
+    """What nginx sends beside an offloaded body's path (``nginx-config --offload``), so a
+    client talking to the app directly cannot name a file for it to take."""
+    return hmac.new(secret.encode(), b"qproxy offload body file", hashlib.sha256).hexdigest()
+
+
+def check_offload_token(secret: str, token: str) -> bool:
+    return bool(secret) and hmac.compare_digest(offload_token(secret), token)

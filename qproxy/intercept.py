@@ -310,6 +310,10 @@ class RawBodyRewriter:
             self._done = True
         return events
 
+    def finish(self) -> None:
+        """The body was stored without passing through here (offload mode)."""
+        self._started = self._done = True
+
     def body(self) -> bytes:
         return b""
 

@@ -13,18 +13,28 @@ import hashlib
 import json
 import os
 import re
+import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from qproxy.errors import InsufficientStorage
+from qproxy.errors import InsufficientStorage, MalformedUpload, UploadTooLarge
 from qproxy.keys import validate_key
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 PRIVATE = ".qp"
+ADOPT_READ = 1024 * 1024
 _NODE_RE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _fsync(fd: int, failed: list[OSError]) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        failed.append(exc)
 
 
 def _storage_error(exc: OSError) -> Exception:
@@ -36,13 +46,53 @@ def _storage_error(exc: OSError) -> Exception:
 class TempFile:
     """A file being written: counts its size and sha256 as the bytes stream in."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, create: bool = True) -> None:
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        os.fchmod(fd, FILE_MODE)
-        self._fh: IO[bytes] | None = os.fdopen(fd, "wb", buffering=0)
+        self._fh: IO[bytes] | None = None
+        if create:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)
+            self._fh = os.fdopen(fd, "wb", buffering=0)
+
+    @classmethod
+    def adopt(cls, path: Path, *, max_size: int) -> TempFile:
+        """A complete file someone else wrote (nginx, in offload mode), already moved into
+        the temp folder: hashed, made 0644 and flushed to stable storage here."""
+        temp = cls(path, create=False)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise MalformedUpload("the offloaded body is not a regular file")
+            if info.st_size > max_size:
+                raise UploadTooLarge(f"upload larger than {max_size} bytes")
+            os.fchmod(fd, FILE_MODE)  # nginx writes 0600: stored files are 0644
+            # nginx does not fsync: the upload is durable only from here. The flush runs
+            # beside the hashing (both leave the GIL): measured 134 + 83 ms -> 140 ms for
+            # 256 MiB.
+            failed: list[OSError] = []
+            flusher = threading.Thread(target=_fsync, args=(fd, failed), daemon=True)
+            flusher.start()
+            try:
+                buf = bytearray(ADOPT_READ)
+                view = memoryview(buf)
+                while n := os.readv(fd, [buf]):
+                    temp._hash.update(view[:n])
+                    temp.size += n
+            finally:
+                flusher.join()
+            if failed:
+                raise failed[0]
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        finally:
+            os.close(fd)
+        return temp
 
     @property
     def sha256(self) -> str:
@@ -87,6 +137,8 @@ class LocalStore:
         self.root = Path(root).absolute()
         self.node_id = node_id
         self.tmp_dir = self.root / PRIVATE / "tmp"
+        # Where nginx writes raw bodies in offload mode (same filesystem: adopting is a rename).
+        self.offload_dir = self.root / PRIVATE / "offload"
         self.journal = Journal(
             self.root / PRIVATE / "journal" / f"{_NODE_RE.sub('_', node_id)}.jsonl"
         )
@@ -116,6 +168,28 @@ class LocalStore:
             return TempFile(self.tmp_dir / name)
         except OSError as exc:
             raise _storage_error(exc) from exc
+
+    def adopt(self, body_file: str, *, max_size: int) -> TempFile:
+        """Take over a body nginx wrote to :attr:`offload_dir` (offload mode)."""
+        self.ensure()
+        src = Path(body_file)
+        # nginx names its files itself; anything outside its folder is refused outright.
+        real = Path(os.path.realpath(src))
+        if not src.is_absolute() or real.parent != Path(os.path.realpath(self.offload_dir)):
+            raise MalformedUpload("the offloaded body is not in the offload folder")
+        dest = self.tmp_dir / f"{time.time_ns():x}-{os.getpid()}-{os.urandom(6).hex()}"
+        try:
+            os.rename(real, dest)  # nginx's own cleanup then finds nothing to remove
+        except FileNotFoundError:
+            raise MalformedUpload("the offloaded body is gone") from None
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        try:
+            return TempFile.adopt(dest, max_size=max_size)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(dest)
+            raise
 
     def commit(self, temp: TempFile, key: str) -> Path:
         """Move a closed temp file to its key's path, durably."""

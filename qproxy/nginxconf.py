@@ -7,12 +7,14 @@ actually behaves"); the comments in the output say why each one is there.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
 from qproxy.config import Config
 from qproxy.errors import ConfigError
+from qproxy.headers import OFFLOAD_FILE_HEADER, OFFLOAD_TOKEN_HEADER, offload_token
 
 Mode = Literal["x-accel", "auth_request"]
 
@@ -68,6 +70,9 @@ class NginxOptions:
     # a loopback server that caches, which the public location proxies to.
     micro_cache_listen: str = "127.0.0.1:8301"
     micro_cache_path: str = "/var/cache/nginx/qproxy"
+    # Offload mode: on QPROXY_RAW_UPLOAD_PATHS nginx writes the body to disk itself and
+    # hands the app its path; qproxy hashes it and renames it into the store.
+    offload: bool = False
 
 
 def _hostport(url: str, what: str) -> str:
@@ -124,6 +129,42 @@ def _micro_cache(indent: str) -> str:
         "open_file_cache_valid 1s;",
     ]
     return "".join(f"{indent}{line}\n" for line in lines)
+
+
+def _glob_location(pattern: str) -> str:
+    """An nginx regex location matching what fnmatch matches (QPROXY_RAW_UPLOAD_PATHS)."""
+    if any(c in pattern for c in '"\\$\r\n\x00') or not pattern.startswith("/"):
+        raise ConfigError(f"raw upload path {pattern!r} cannot be used in nginx's config")
+    return f'location ~ "^{fnmatch.translate(pattern)}" {{'
+
+
+def _offload(config: Config, i1: str, i2: str) -> list[str]:
+    if not config.raw_paths:
+        raise ConfigError("--offload needs QPROXY_RAW_UPLOAD_PATHS (the raw-body upload paths)")
+    folder = (config.local_path / ".qp" / "offload").as_posix()
+    out = [
+        f"{i1}# Offload: raw-body uploads are written to disk by nginx itself, in the store's\n",
+        f"{i1}# own filesystem; the app gets the file's path (and a token only nginx knows) and\n",
+        f"{i1}# qproxy hashes it and renames it into place. nginx's cleanup removes it if the\n",
+        f"{i1}# app refused the upload. The app must run as nginx's worker user (or root): nginx\n",
+        f"{i1}# writes these files 0600.\n",
+    ]
+    for pattern in config.raw_paths:
+        out += [
+            f"{i1}{_glob_location(pattern)}\n",
+            f"{i2}client_body_temp_path {_quote(folder)};\n",
+            f"{i2}client_body_in_file_only clean;\n",
+            f"{i2}client_body_buffer_size 1m;\n",
+            f"{i2}proxy_pass http://qproxy_app;\n",
+            _proxy_common(i2),
+            f"{i2}proxy_pass_request_body off;\n",
+            f'{i2}proxy_set_header Content-Length "";\n',
+            f"{i2}proxy_set_header {OFFLOAD_FILE_HEADER} $request_body_file;\n",
+            f'{i2}proxy_set_header {OFFLOAD_TOKEN_HEADER} "{offload_token(config.secret)}";\n',
+            f"{i2}proxy_read_timeout 600s;\n",
+            f"{i1}}}\n\n",
+        ]
+    return out
 
 
 def server_block(config: Config, options: NginxOptions) -> str:
@@ -197,6 +238,8 @@ def server_block(config: Config, options: NginxOptions) -> str:
         f"{i2}proxy_send_timeout 600s;\n",
         f"{i1}}}\n\n",
     ]
+    if options.offload:
+        out += _offload(config, i1, i2)
     if options.mode == "x-accel":
         out += [
             f"{i1}# Files: ask the resolver where each one is right now. It answers an empty 200\n",

@@ -16,7 +16,8 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qproxy.config import Config
-from qproxy.errors import LeaseLost, QProxyError
+from qproxy.errors import LeaseLost, MalformedUpload, QProxyError
+from qproxy.headers import check_offload_token
 from qproxy.intercept import (
     FileData,
     FileEnd,
@@ -96,10 +97,16 @@ class Node:
         path: str,
         content_type: str | None,
         content_disposition: str | None = None,
+        body_file: str | None = None,
+        body_token: str | None = None,
     ) -> Intake | None:
         """An :class:`Intake` if the request carries uploads, else None (pass it through).
 
-        Raises :class:`qproxy.errors.MalformedUpload` for a multipart type without boundary.
+        ``body_file`` and ``body_token`` are nginx's offload headers: the raw body is already
+        on disk at that path, and the intake takes the file instead of reading the body.
+
+        Raises :class:`qproxy.errors.MalformedUpload` for a multipart type without boundary
+        or an offloaded body that is not nginx's, :class:`qproxy.errors.UploadTooLarge`.
         """
         cfg = self.config
         rewriter = plan_upload(
@@ -110,7 +117,20 @@ class Node:
             raw_paths=cfg.raw_paths,
             limits=Limits(cfg.max_upload_bytes, cfg.max_parts, cfg.max_form_memory),
         )
-        return None if rewriter is None else Intake(self, rewriter)
+        if rewriter is None:
+            return None
+        intake = Intake(self, rewriter)
+        if body_file or body_token:
+            if not isinstance(rewriter, RawBodyRewriter):
+                raise MalformedUpload("an offloaded body is only taken on a raw upload path")
+            if not check_offload_token(cfg.secret, body_token or ""):
+                raise MalformedUpload("the offloaded body's token does not match QPROXY_SECRET")
+            if body_file:
+                intake.adopt(body_file)
+            else:  # nginx writes no file for an empty body
+                intake.feed(b"")
+                intake.offloaded = True
+        return intake
 
     def commit(
         self,
@@ -200,6 +220,8 @@ class Intake:
         self._temps: list[tuple[StoredFile, TempFile]] = []
         self._current: tuple[FileStart, TempFile] | None = None
         self._settled = False
+        # The body is already stored (nginx wrote it, offload mode): the adapter reads none.
+        self.offloaded = False
 
     def feed(self, data: bytes) -> None:
         """Next bytes of the body (``b""`` at the end). Raises QProxyError subclasses."""
@@ -236,6 +258,25 @@ class Intake:
                 )
                 self.files.append(stored)
                 self._temps.append((stored, temp))
+
+    def adopt(self, body_file: str) -> None:
+        """Take a raw body nginx wrote to disk as this request's one file."""
+        assert isinstance(self.rewriter, RawBodyRewriter)
+        start = self.rewriter.start
+        temp = self.node.local.adopt(body_file, max_size=self.rewriter.max_body)
+        self.rewriter.finish()
+        stored = StoredFile(
+            field=start.field,
+            key=start.key,
+            filename=start.filename,
+            content_type=start.content_type,
+            size=temp.size,
+            sha256=temp.sha256,
+            url=self.node.url_for(start.key),
+        )
+        self.files.append(stored)
+        self._temps.append((stored, temp))
+        self.offloaded = True
 
     def body(self) -> bytes:
         """What the app reads as the request body (the rewritten form, or nothing)."""

@@ -47,12 +47,17 @@ class UploadMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.
         environ.pop(KEY_ENVIRON, None)
+        # nginx's offload headers (nginx-config --offload) are for qproxy, not the app.
+        body_file = environ.pop("HTTP_X_QPROXY_BODY_FILE", None)
+        body_token = environ.pop("HTTP_X_QPROXY_BODY_TOKEN", None)
         try:
             intake = self.node.intake(
                 method=environ.get("REQUEST_METHOD", "GET"),
                 path=environ.get("PATH_INFO", ""),
                 content_type=environ.get("CONTENT_TYPE"),
                 content_disposition=environ.get("HTTP_CONTENT_DISPOSITION"),
+                body_file=body_file,
+                body_token=body_token,
             )
         except QProxyError as exc:
             return _refuse(exc, start_response)
@@ -60,7 +65,8 @@ class UploadMiddleware:
             return self.app(environ, start_response)
 
         try:
-            self._read_body(environ, intake)
+            if not intake.offloaded:
+                self._read_body(environ, intake)
         except QProxyError as exc:
             intake.discard()
             log.info("qproxy: upload refused (%s): %s", exc.status, exc.reason)

@@ -32,6 +32,17 @@ def flask_app() -> Flask:
             uploads=[u.as_dict() for u in uploads],
         ), status
 
+    @app.route("/files/<path:name>", methods=["PUT", "POST"])
+    def raw_upload(name: str) -> tuple[object, int]:
+        # QPROXY_RAW_UPLOAD_PATHS=/files/*: the body is stored, the key comes in a header.
+        uploads = request.environ.get("qproxy.uploads", [])
+        return jsonify(
+            key=request.headers.get("X-QProxy-Key"),
+            body=request.get_data(as_text=True),
+            uploads=[u.as_dict() for u in uploads],
+            headers=sorted(request.headers.keys()),
+        ), int(request.args.get("status", "201"))
+
     return app
 
 

@@ -23,7 +23,9 @@ MAX_UPLOAD = 20 * 1024 * 1024
 needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed")
 
 
-def _stack(mode: str = "x-accel", app: str = "tests.apps:make_app", **settings: str) -> Stack:
+def _stack(
+    mode: str = "x-accel", app: str = "tests.apps:make_app", offload: bool = False, **settings: str
+) -> Stack:
     env = {
         "PYTHONPATH": str(ROOT),
         "QPROXY_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
@@ -31,7 +33,7 @@ def _stack(mode: str = "x-accel", app: str = "tests.apps:make_app", **settings: 
         "QPROXY_MULTIPART_CHUNK": str(5 * 1024 * 1024),
         **settings,
     }
-    return Stack(mode=mode, settings=env, app=app)  # type: ignore[arg-type]
+    return Stack(mode=mode, settings=env, app=app, offload=offload)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,6 +7,7 @@ local root) with the same request, and checks what the app saw and what is left 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -31,6 +32,7 @@ class Result:
     app_called: bool = False
     app_body: bytes = b""
     app_key_header: str | None = None
+    app_headers: dict[str, str] = field(default_factory=dict)
     uploads: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -60,6 +62,9 @@ def drive_wsgi(node: Node, req: Request) -> Result:
         seen.app_called = True
         seen.app_body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         seen.app_key_header = environ.get("HTTP_X_QPROXY_KEY")
+        seen.app_headers = {
+            k[5:].lower().replace("_", "-"): v for k, v in environ.items() if k.startswith("HTTP_")
+        }
         seen.uploads = [u.as_dict() for u in environ.get("qproxy.uploads", [])]
         if req.app_raises:
             raise RuntimeError("app bug")
@@ -114,6 +119,7 @@ def drive_asgi(node: Node, req: Request) -> Result:
         seen.app_body = body
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         seen.app_key_header = headers.get("x-qproxy-key")
+        seen.app_headers = headers
         assert headers["content-length"] == str(len(body))
         seen.uploads = [u.as_dict() for u in scope.get("qproxy.uploads", [])]
         if req.app_raises:
@@ -336,3 +342,120 @@ def test_results_agree_between_adapters(node: Node) -> None:
     assert w.form_text.replace(w.uploads[0]["key"], "K") == a.form_text.replace(
         a.uploads[0]["key"], "K"
     )
+
+
+# -- offload mode: nginx wrote the raw body to disk and names the file ---------------------
+
+
+def _offloaded(node: Node, data: bytes) -> str:
+    """A body file as nginx leaves it: 0600, in the store's offload folder."""
+    folder = node.local.offload_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{os.urandom(5).hex()}"
+    path.write_bytes(data)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+def _nginx_headers(node: Node, body_file: str, **extra: str) -> dict[str, str]:
+    from qproxy.headers import offload_token
+
+    return {
+        "X-QProxy-Body-File": body_file,
+        "X-QProxy-Body-Token": offload_token(node.config.secret),
+        **extra,
+    }
+
+
+def test_offloaded_raw_body_is_taken_not_copied(drive: Driver, node: Node) -> None:
+    raw = raw_node(node)
+    data = os.urandom(700_000)
+    body_file = _offloaded(raw, data)
+    inode = os.stat(body_file).st_ino
+    r = drive(
+        raw,
+        Request(
+            b"",
+            "video/mp4",
+            method="PUT",
+            path="/files/clip.mp4",
+            headers=_nginx_headers(raw, body_file),
+        ),
+    )
+    assert r.status == 201, r.body
+    (u,) = r.uploads
+    assert r.app_key_header == u["key"] and u["size"] == len(data)
+    assert u["sha256"] == hashlib.sha256(data).hexdigest()
+    stored = node.local.path_for(u["key"])
+    assert stored.read_bytes() == data
+    assert os.stat(stored).st_ino == inode, "the body was copied, not renamed"
+    assert oct(os.stat(stored).st_mode & 0o777) == "0o644"  # nginx wrote it 0600
+    assert not os.path.exists(body_file)
+    # The app never sees nginx's headers.
+    assert not {"x-qproxy-body-file", "x-qproxy-body-token"} & set(r.app_headers)
+    wait_state(node, u["key"], "remote")
+
+
+def test_offloaded_empty_body(drive: Driver, node: Node) -> None:
+    raw = raw_node(node)
+    headers = _nginx_headers(raw, "")
+    del headers["X-QProxy-Body-File"]  # nginx writes no file for an empty body
+    r = drive(raw, Request(b"", None, method="PUT", path="/files/empty.txt", headers=headers))
+    assert r.status == 201, r.body
+    (u,) = r.uploads
+    assert u["size"] == 0 and node.local.path_for(u["key"]).read_bytes() == b""
+
+
+def test_offload_refuses_what_nginx_did_not_write(drive: Driver, node: Node, tmp_path: Any) -> None:
+    raw = raw_node(node)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not an upload")
+    link = raw.local.offload_dir / f"link-{os.urandom(4).hex()}"
+    raw.local.offload_dir.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(secret)
+    cases = [
+        # a client naming a file without nginx's token
+        {"X-QProxy-Body-File": _offloaded(raw, b"x"), "X-QProxy-Body-Token": "guess"},
+        {"X-QProxy-Body-File": _offloaded(raw, b"x")},
+        # a file outside nginx's folder, even with the token
+        _nginx_headers(raw, str(secret)),
+        _nginx_headers(raw, str(link)),
+        _nginx_headers(raw, str(raw.local.offload_dir / ".." / "tmp" / "x")),
+    ]
+    for headers in cases:
+        r = drive(raw, Request(b"", "text/plain", method="PUT", path="/files/x", headers=headers))
+        assert r.status == 400 and not r.app_called, (headers, r.status, r.body)
+    assert secret.read_bytes() == b"not an upload" and link.is_symlink()
+    # The offload headers on a multipart upload are refused too.
+    body, ctype = form({"f": file(b"abc", "a.txt")})
+    r = drive(raw, Request(body, ctype, headers=_nginx_headers(raw, _offloaded(raw, b"y"))))
+    assert r.status == 400 and not r.app_called
+    assert pending(node) == []
+
+
+def test_offload_limits_and_refusals_leave_nothing(drive: Driver, node: Node) -> None:
+    small = raw_node(node, max_upload_bytes=1000)
+    body_file = _offloaded(small, b"z" * 1001)
+    r = drive(
+        small,
+        Request(
+            b"", None, method="PUT", path="/files/big", headers=_nginx_headers(small, body_file)
+        ),
+    )
+    assert r.status == 413 and not r.app_called
+    assert pending(node) == [] and not os.path.exists(body_file)
+    body_file = _offloaded(small, b"refused")
+    r = drive(
+        small,
+        Request(
+            b"",
+            None,
+            method="PUT",
+            path="/files/no",
+            app_status=403,
+            headers=_nginx_headers(small, body_file),
+        ),
+    )
+    assert r.status == 403 and r.app_called
+    (u,) = r.uploads
+    assert pending(node) == [] and not node.local.exists(u["key"])
