@@ -200,6 +200,23 @@ def cmd_reconcile(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.doctor import Check, run_checks
+
+    try:
+        config = _config()
+    except QProxyError as exc:
+        checks = [Check("config", "fail", str(exc))]
+    else:
+        checks = [Check("config", "ok", f"node {config.node_id}"), *run_checks(config)]
+    if args.json:
+        print(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        for check in checks:
+            print(f"{check.level.upper():5} {check.name:18} {check.detail}")
+    return 1 if any(c.level == "fail" for c in checks) else 0
+
+
 def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.nginxconf import NginxOptions, full_config, server_block
 
@@ -326,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reconcile)
+
+    p = add(
+        "doctor",
+        "check this node's setup (config, disk, Redis, S3, workers, nginx)",
+        "Check what this node needs, the way it will be used: writes and removes a probe file "
+        "in the local root and a probe object in S3, asks Redis for its durability settings "
+        "and Celery for its workers. Exit status 1 if anything failed.",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
 
     p = add(
         "nginx-config",

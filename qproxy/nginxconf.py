@@ -141,6 +141,8 @@ def _glob_location(pattern: str) -> str:
 def _offload(config: Config, i1: str, i2: str) -> list[str]:
     if not config.raw_paths:
         raise ConfigError("--offload needs QPROXY_RAW_UPLOAD_PATHS (the raw-body upload paths)")
+    if not config.secret:
+        raise ConfigError("--offload needs QPROXY_SECRET (nginx proves the file is its own)")
     folder = (config.local_path / ".qp" / "offload").as_posix()
     out = [
         f"{i1}# Offload: raw-body uploads are written to disk by nginx itself, in the store's\n",

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from qproxy.devstack import Stack
+
 
 def qproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -33,6 +35,7 @@ def test_top_level_help_lists_commands() -> None:
         "delete",
         "reconcile",
         "nginx-config",
+        "doctor",
         "demo",
     ):
         assert command in result.stdout
@@ -53,6 +56,9 @@ def test_top_level_help_lists_commands() -> None:
         ("retry", "--all-failed"),
         ("delete", "404 at once"),
         ("reconcile", "FLUSHALL"),
+        ("doctor", "Exit status 1"),
+        ("nginx-config", "--micro-cache"),
+        ("nginx-config", "--offload"),
     ],
 )
 def test_subcommand_help(command: str, expected: str) -> None:
@@ -80,3 +86,37 @@ def test_worker_passes_arguments_to_celery() -> None:
     assert result.returncode == 2
     assert "No such option '--no-such-celery-option'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_doctor_on_a_healthy_stack_and_a_broken_one(stack: Stack) -> None:
+    import json
+
+    import redis
+
+    env = stack.env
+    good = qproxy("doctor", "--json", env=env)
+    assert good.returncode == 0, good.stdout + good.stderr
+    levels = {c["name"]: c["level"] for c in json.loads(good.stdout)}
+    for name in ("config", "secret", "local root", "redis", "s3", "workers"):
+        assert levels[name] == "ok", (name, good.stdout)
+
+    broken = qproxy(
+        "doctor", env={**env, "QPROXY_S3_BUCKET": "no-such-bucket", "QPROXY_SECRET": ""}
+    )
+    assert broken.returncode == 1
+    assert "FAIL  s3" in broken.stdout and "no-such-bucket" in broken.stdout
+    assert "FAIL  secret" in broken.stdout
+
+    client = redis.Redis.from_url(env["QPROXY_REDIS_URL"])
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        evicting = qproxy("doctor", env=env)
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+    assert evicting.returncode == 1 and "allkeys-lru" in evicting.stdout
+
+    down = qproxy("doctor", env={**env, "QPROXY_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert down.returncode == 1 and "FAIL  redis" in down.stdout
+    bad = qproxy("doctor", env={**env, "QPROXY_PUBLIC_PATH": "media"})
+    assert bad.returncode == 1 and "FAIL  config" in bad.stdout
