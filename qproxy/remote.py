@@ -92,6 +92,26 @@ class RemoteStore:
         Returns the checksum S3 should report for the object: the file's SHA-256 for a single
         PUT; for a multipart upload the SHA-256 of the parts' SHA-256s (base64).
         """
+        return self._put(
+            key,
+            fh,
+            size=size,
+            sha256=sha256,
+            content_type=content_type,
+            content_disposition=content_disposition,
+        )[0]
+
+    def _put(
+        self,
+        key: str,
+        fh: IO[bytes],
+        *,
+        size: int,
+        sha256: str,
+        content_type: str,
+        content_disposition: str = "",
+    ) -> tuple[str, bool]:
+        """:meth:`put`, and whether S3's answer already confirmed the checksum."""
         extra: dict[str, Any] = {
             "ContentType": content_type,
             "Metadata": {"sha256": sha256},
@@ -101,7 +121,7 @@ class RemoteStore:
         try:
             if size < self.config.multipart_threshold:
                 checksum = _b64(bytes.fromhex(sha256))
-                self.client.put_object(
+                answer = self.client.put_object(
                     Bucket=self.bucket,
                     Key=self.object_key(key),
                     Body=fh,
@@ -110,10 +130,36 @@ class RemoteStore:
                     ChecksumSHA256=checksum,
                     **extra,
                 )
-                return checksum
-            return self._put_multipart(key, fh, extra)
+                return checksum, answer.get("ChecksumSHA256") == checksum
+            return self._put_multipart(key, fh, extra), False
         except ClientError as exc:
             raise RemoteError(f"S3 put of {key} failed: {exc}") from exc
+
+    def store(
+        self,
+        key: str,
+        fh: IO[bytes],
+        *,
+        size: int,
+        sha256: str,
+        content_type: str,
+        content_disposition: str = "",
+    ) -> None:
+        """:meth:`put`, then :meth:`verify` - unless S3's answer to a single PUT already
+        vouches for the bytes: S3 checked the SHA-256 we sent and reports the checksum it
+        computed over what it stored (equal bytes, so equal size too). A store that does
+        not report it gets the HEAD. Saves one request per small file (make bench,
+        "transfer 1,000 files")."""
+        checksum, confirmed = self._put(
+            key,
+            fh,
+            size=size,
+            sha256=sha256,
+            content_type=content_type,
+            content_disposition=content_disposition,
+        )
+        if not confirmed:
+            self.verify(key, size=size, sha256=sha256, checksum=checksum)
 
     def _put_multipart(self, key: str, fh: IO[bytes], extra: dict[str, Any]) -> str:
         okey = self.object_key(key)

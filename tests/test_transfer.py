@@ -156,6 +156,47 @@ def test_verify_catches_a_corrupt_object(stack: Stack, quiet_node: Node) -> None
         remote.verify("short/x.bin", size=len(data), sha256=sha)
 
 
+def test_store_skips_the_head_only_when_s3_confirmed_the_checksum(stack: Stack) -> None:
+    import io
+
+    remote = RemoteStore(stack.config.replace(multipart_threshold=6 * 1024 * 1024))
+    heads: list[str] = []
+    remote.client.meta.events.register(
+        "before-call.s3.HeadObject", lambda params, **_: heads.append(params["url_path"])
+    )
+
+    def store(name: str, data: bytes) -> None:
+        sha = hashlib.sha256(data).hexdigest()
+        remote.store(name, io.BytesIO(data), size=len(data), sha256=sha, content_type="x/y")
+
+    small = os.urandom(100_000)
+    store("confirm/small.bin", small)
+    assert heads == []  # S3 answered the PUT with the SHA-256 it computed: verified
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    assert s3.get_object(Bucket="qproxy-dev", Key="confirm/small.bin")["Body"].read() == small
+
+    store("confirm/big.bin", os.urandom(7 * 1024 * 1024))
+    assert len(heads) == 1  # multipart: verified by a HEAD
+
+    # A store that reports no checksum, or another one, gets the HEAD (and its checks).
+    # (That S3 refuses a body whose SHA-256 differs cannot be shown here: moto stores
+    # whatever checksum it is sent.)
+    answers = iter([None, "not-the-checksum"])
+
+    def other_answer(parsed: dict[str, object], **_: object) -> None:
+        value = next(answers)
+        if value is None:
+            parsed.pop("ChecksumSHA256", None)
+        else:
+            parsed["ChecksumSHA256"] = value
+
+    remote.client.meta.events.register("after-call.s3.PutObject", other_answer)
+    store("confirm/unreported.bin", small)
+    assert len(heads) == 2
+    store("confirm/other.bin", small)
+    assert len(heads) == 3
+
+
 def test_state_compare_and_set(quiet_node: Node) -> None:
     state: StateStore = quiet_node.state
     key = "cas/" + os.urandom(4).hex() + ".txt"
