@@ -87,6 +87,29 @@ async def _starlette_parse(request: Request) -> Response:
     return JSONResponse({}, status_code=201)
 
 
+async def _starlette_s3_inline(request: Request) -> Response:
+    """The old way, ASGI: the request uploads the file to S3 (in a thread) before it answers."""
+    import anyio.to_thread
+    import boto3
+
+    form = await request.form()
+    client = boto3.client(
+        "s3", endpoint_url=os.environ["QPROXY_S3_ENDPOINT_URL"], region_name="us-east-1"
+    )
+    for value in form.getlist("file"):
+        upload: Any = value
+        name = "inline/" + os.urandom(8).hex()
+        await anyio.to_thread.run_sync(
+            client.upload_fileobj, upload.file, os.environ["QPROXY_S3_BUCKET"], name
+        )
+    await form.close()
+    return JSONResponse({}, status_code=201)
+
+
+def asgi_s3_inline() -> Any:
+    return Starlette(routes=[Route("/upload", _starlette_s3_inline, methods=["POST"])])
+
+
 def asgi_qproxy() -> Any:
     return AsgiUploadMiddleware(
         Starlette(routes=[Route("/upload", _starlette_upload, methods=["POST"])])

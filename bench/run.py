@@ -138,6 +138,27 @@ class Bench:
         ]
         return self.serve(name, argv, "/", env)
 
+    def granian(
+        self, name: str, app: str, interface: str, env: dict[str, str] | None = None
+    ) -> str:
+        argv = [
+            sys.executable,
+            "-m",
+            "granian",
+            "--interface",
+            interface,
+            "--factory",
+            "--no-ws",
+            "--log-level",
+            "warning",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            app,
+        ]
+        return self.serve(name, argv, "/", env)
+
     def stop(self, name: str) -> None:
         service = self.stack.services.pop(name, None)
         if service is not None:
@@ -405,28 +426,35 @@ def _status_kib(pid: int, field_name: str) -> float:
 
 def latency_row(b: Bench) -> None:
     path = b.big_file((2 if b.quick else 20) * MiB)
-    qp = b.gunicorn("lat-qproxy", "bench.apps:wsgi_qproxy()")
-    inline = b.gunicorn("lat-inline", "bench.apps:wsgi_s3_inline")
+    mib = path.stat().st_size // MiB
+    for server, label in (("gunicorn", "WSGI, gunicorn"), ("uvicorn", "ASGI, uvicorn")):
+        if server == "gunicorn":
+            qp = b.gunicorn("lat-qproxy", "bench.apps:wsgi_qproxy()")
+            inline = b.gunicorn("lat-inline", "bench.apps:wsgi_s3_inline")
+        else:
+            qp = b.uvicorn("lat-qproxy", "bench.apps:asgi_qproxy")
+            inline = b.uvicorn("lat-inline", "bench.apps:asgi_s3_inline")
 
-    def cand() -> float:
-        t = b.curl_time(qp + "/upload", path)
-        return t * 1000
+        def cand(url: str = qp) -> float:
+            t = b.curl_time(url + "/upload", path)
+            b.clean_local()
+            return t * 1000
 
-    b.alternate(
-        Row(
-            f"request latency, {path.stat().st_size // MiB} MiB upload",
-            "ms",
-            "app behind qproxy",
-            "app uploading to S3 in the request",
-            higher_is_better=False,
-            target="<= 0.3x",
-            target_ratio=0.3,
-        ),
-        cand,
-        lambda: b.curl_time(inline + "/upload", path) * 1000,
-    )
-    b.stop("lat-qproxy")
-    b.stop("lat-inline")
+        b.alternate(
+            Row(
+                f"request latency, {mib} MiB upload ({label})",
+                "ms",
+                "app behind qproxy",
+                "app uploading to S3 in the request",
+                higher_is_better=False,
+                target="<= 0.3x",
+                target_ratio=0.3,
+            ),
+            cand,
+            lambda url=inline: b.curl_time(url + "/upload", path) * 1000,
+        )
+        b.stop("lat-qproxy")
+        b.stop("lat-inline")
 
 
 def resolve_rows(b: Bench) -> None:
@@ -845,11 +873,72 @@ http {
 }
 """
 
+
+def servers_row(b: Bench) -> None:
+    """Which server for each role: granian against gunicorn (WSGI uploads) and uvicorn
+    (the resolver), same app, same run."""
+    size = (8 if b.quick else 256) * MiB
+    path = b.big_file(size)
+    worker = b.stack.services["worker"]
+    worker.signal(signal.SIGSTOP)
+    try:
+        gr = b.granian("srv-granian", "bench.apps:wsgi_qproxy", "wsgi")
+        gu = b.gunicorn("srv-gunicorn", "bench.apps:wsgi_qproxy()")
+
+        def upload(url: str) -> float:
+            rate = b.curl_upload(url + "/upload", path)
+            b.clean_local()
+            return rate
+
+        b.alternate(
+            Row(
+                f"server: upload {size // MiB} MiB through the WSGI middleware",
+                "MiB/s",
+                "granian (1 worker)",
+                "gunicorn (1 worker, 4 threads)",
+            ),
+            lambda: upload(gr),
+            lambda: upload(gu),
+        )
+        b.stop("srv-granian")
+        b.stop("srv-gunicorn")
+    finally:
+        worker.signal(signal.SIGCONT)
+
+    data = os.urandom(64 * 1024)
+    r = httpx.post(b.stack.front + "/upload", files={"file": ("srv.bin", data)})
+    key = r.json()["keys"][0]
+    seconds = 2 if b.quick else 6
+    resolver = [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1"]
+    urls = {
+        server: b.serve(
+            f"srv-resolver-{server}",
+            [*resolver, "--port", "{port}", "--server", server],
+            "/metrics",
+            env={"QPROXY_JANITOR_INTERVAL": "3600"},
+        )
+        for server in ("granian", "uvicorn")
+    }
+    b.alternate(
+        Row(
+            "server: the resolver, 64 KiB local key (wrk, no nginx)",
+            "req/s",
+            "granian",
+            "uvicorn (httptools, uvloop)",
+        ),
+        lambda: b.wrk(f"{urls['granian']}/resolve/{key}", seconds)["rps"],
+        lambda: b.wrk(f"{urls['uvicorn']}/resolve/{key}", seconds)["rps"],
+    )
+    for server in urls:
+        b.stop(f"srv-resolver-{server}")
+
+
 ROWS: dict[str, Callable[[Bench], None]] = {
     "upload": upload_rows,
     "memory": memory_row,
     "latency": latency_row,
     "resolve": resolve_rows,
+    "servers": servers_row,
     "transfer": transfer_row,
     "transfer-many": transfer_many_row,
     "state": state_row,

@@ -36,6 +36,9 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         "transfer 8 MiB",
         "transfer 40 files",
         "state",
+        "ingest",
+        "server: upload",
+        "server: the resolver",
     ):
         assert any(name.startswith(prefix) for name in names), (prefix, names)
     for row in data["rows"]:
