@@ -65,6 +65,11 @@ def wsgi_s3_inline(environ: dict[str, Any], start_response: Any) -> Iterable[byt
     return [b"{}"]
 
 
+def wsgi_s3_inline_app() -> Any:
+    """:func:`wsgi_s3_inline` for servers that want a factory."""
+    return wsgi_s3_inline
+
+
 async def _starlette_upload(request: Request) -> Response:
     form = await request.form()
     return JSONResponse({"keys": [str(v) for v in form.getlist("file")]}, status_code=201)

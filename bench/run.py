@@ -427,10 +427,18 @@ def _status_kib(pid: int, field_name: str) -> float:
 def latency_row(b: Bench) -> None:
     path = b.big_file((2 if b.quick else 20) * MiB)
     mib = path.stat().st_size // MiB
-    for server, label in (("gunicorn", "WSGI, gunicorn"), ("uvicorn", "ASGI, uvicorn")):
+    servers = (
+        ("gunicorn", "WSGI, gunicorn"),
+        ("granian", "WSGI, granian"),
+        ("uvicorn", "ASGI, uvicorn"),
+    )
+    for server, label in servers:
         if server == "gunicorn":
             qp = b.gunicorn("lat-qproxy", "bench.apps:wsgi_qproxy()")
             inline = b.gunicorn("lat-inline", "bench.apps:wsgi_s3_inline")
+        elif server == "granian":
+            qp = b.granian("lat-qproxy", "bench.apps:wsgi_qproxy", "wsgi")
+            inline = b.granian("lat-inline", "bench.apps:wsgi_s3_inline_app", "wsgi")
         else:
             qp = b.uvicorn("lat-qproxy", "bench.apps:asgi_qproxy")
             inline = b.uvicorn("lat-inline", "bench.apps:asgi_s3_inline")
