@@ -247,24 +247,10 @@ class Intake:
                     temp.discard()
                     continue
                 temp.close()
-                stored = StoredFile(
-                    field=start.field,
-                    key=start.key,
-                    filename=start.filename,
-                    content_type=start.content_type,
-                    size=temp.size,
-                    sha256=temp.sha256,
-                    url=self.node.url_for(start.key),
-                )
-                self.files.append(stored)
-                self._temps.append((stored, temp))
+                self._keep(start, temp)
 
-    def adopt(self, body_file: str) -> None:
-        """Take a raw body nginx wrote to disk as this request's one file."""
-        assert isinstance(self.rewriter, RawBodyRewriter)
-        start = self.rewriter.start
-        temp = self.node.local.adopt(body_file, max_size=self.rewriter.max_body)
-        self.rewriter.finish()
+    def _keep(self, start: FileStart, temp: TempFile) -> None:
+        """A complete, durable file of this request (committed if the app accepts)."""
         stored = StoredFile(
             field=start.field,
             key=start.key,
@@ -276,6 +262,14 @@ class Intake:
         )
         self.files.append(stored)
         self._temps.append((stored, temp))
+
+    def adopt(self, body_file: str) -> None:
+        """Take a raw body nginx wrote to disk as this request's one file."""
+        assert isinstance(self.rewriter, RawBodyRewriter)
+        start = self.rewriter.start
+        temp = self.node.local.adopt(body_file, max_size=self.rewriter.max_body)
+        self.rewriter.finish()
+        self._keep(start, temp)
         self.offloaded = True
 
     def body(self) -> bytes:

@@ -86,32 +86,13 @@ class RemoteStore:
         sha256: str,
         content_type: str,
         content_disposition: str = "",
-    ) -> str:
+    ) -> tuple[str, bool]:
         """Upload ``fh`` (positioned at 0) with SHA-256 checksums S3 verifies on arrival.
 
-        Returns the checksum S3 should report for the object: the file's SHA-256 for a single
-        PUT; for a multipart upload the SHA-256 of the parts' SHA-256s (base64).
+        Returns the checksum S3 should report for the object (the file's SHA-256 for a
+        single PUT; for a multipart upload the SHA-256 of the parts' SHA-256s, base64), and
+        whether S3's answer already confirmed it.
         """
-        return self._put(
-            key,
-            fh,
-            size=size,
-            sha256=sha256,
-            content_type=content_type,
-            content_disposition=content_disposition,
-        )[0]
-
-    def _put(
-        self,
-        key: str,
-        fh: IO[bytes],
-        *,
-        size: int,
-        sha256: str,
-        content_type: str,
-        content_disposition: str = "",
-    ) -> tuple[str, bool]:
-        """:meth:`put`, and whether S3's answer already confirmed the checksum."""
         extra: dict[str, Any] = {
             "ContentType": content_type,
             "Metadata": {"sha256": sha256},
@@ -150,7 +131,7 @@ class RemoteStore:
         computed over what it stored (equal bytes, so equal size too). A store that does
         not report it gets the HEAD. Saves one request per small file (make bench,
         "transfer 1,000 files")."""
-        checksum, confirmed = self._put(
+        checksum, confirmed = self.put(
             key,
             fh,
             size=size,
