@@ -876,7 +876,12 @@ http {
     server {
         listen 127.0.0.1:{port};
         location = / { return 200 "ok"; }
-        location /static/ { alias {root}; }
+        # The same open-file cache the micro-cached qproxy config uses: a fair ceiling.
+        location /static/ {
+            alias {root};
+            open_file_cache max=10000 inactive=30s;
+            open_file_cache_valid 1s;
+        }
     }
 }
 """

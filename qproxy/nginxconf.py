@@ -257,6 +257,16 @@ def server_block(config: Config, options: NginxOptions) -> str:
             f"{i1}location ^~ /_qp/local/ {{\n",
             f"{i2}internal;\n",
             f"{i2}alias {_quote(root)};\n",
+            *(
+                [
+                    f"{i2}# Hot files stay open (a replaced file may be served up to 1 s late,\n",
+                    f"{i2}# as a cached answer may).\n",
+                    f"{i2}open_file_cache max=10000 inactive=30s;\n",
+                    f"{i2}open_file_cache_valid 1s;\n",
+                ]
+                if micro
+                else []
+            ),
             f"{i2}{cache}\n",
             f"{i2}add_header X-QProxy-Source local always;\n",
             f"{i2}error_page 404 = @qp_retry;\n",
@@ -279,6 +289,15 @@ def server_block(config: Config, options: NginxOptions) -> str:
             f"{i2}add_header X-QProxy-Source local always;\n",
             f"{i2}# try_files does no '..' check: the resolver alone guards X-QP-Path.\n",
             f"{i2}try_files $qp_path @qp_remote;\n",
+            *(
+                [
+                    f"{i2}# Hot files stay open (up to 1 s late for a replaced file).\n",
+                    f"{i2}open_file_cache max=10000 inactive=30s;\n",
+                    f"{i2}open_file_cache_valid 1s;\n",
+                ]
+                if micro
+                else []
+            ),
             f"{i1}}}\n\n",
             f"{i1}location = /_qp/auth {{\n",
             f"{i2}internal;\n",
