@@ -65,6 +65,19 @@ def wsgi_s3_inline(environ: dict[str, Any], start_response: Any) -> Iterable[byt
     return [b"{}"]
 
 
+def wsgi_fsync_body(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """Baseline for offload mode: nginx wrote the body; make it durable, nothing else."""
+    path = environ.get("HTTP_X_QPROXY_BODY_FILE")
+    if path:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    start_response("201 Created", [("Content-Type", "application/json")])
+    return [b"{}"]
+
+
 def wsgi_s3_inline_app() -> Any:
     """:func:`wsgi_s3_inline` for servers that want a factory."""
     return wsgi_s3_inline

@@ -375,9 +375,32 @@ def upload_rows(b: Bench) -> None:
             ocand,
             lambda: b.curl_upload(ngx + "/upload", path, raw=True),
         )
-        b.stop("nginx-offload")
-        b.stop("wsgi-offload")
-        b.stop("nginx-body")
+        # The same, against the durable ceiling: nginx writes, a bare app fsyncs the file.
+        fs = b.gunicorn("wsgi-fsync", "bench.apps:wsgi_fsync_body")
+        durable = b.nginx(
+            "nginx-durable",
+            full_config(
+                b.stack.config.replace(raw_upload_paths="/raw/*", max_upload_bytes=2 * size),
+                NginxOptions(
+                    listen="127.0.0.1:{port}",
+                    app=fs,
+                    resolver=b.stack.url("resolver"),
+                    offload=True,
+                ),
+            ),
+        )
+        b.alternate(
+            Row(
+                f"ingest {size // MiB} MiB raw body, offload mode vs durable nginx",
+                "MiB/s",
+                "nginx writes, qproxy hashes + fsyncs + renames",
+                "nginx body to disk + fsync (no hash)",
+            ),
+            ocand,
+            lambda: b.curl_upload(durable + "/raw/big.bin", path, raw=True),
+        )
+        for name in ("nginx-offload", "wsgi-offload", "nginx-durable", "wsgi-fsync", "nginx-body"):
+            b.stop(name)
         del row
     finally:
         worker.signal(signal.SIGCONT)
