@@ -103,6 +103,9 @@ def _proxy_common(indent: str) -> str:
 
 def _resolver_headers(indent: str) -> str:
     lines = [
+        "# The resolver needs none of the client's headers (cookies included): only the ones",
+        "# set here go.",
+        "proxy_pass_request_headers off;",
         "proxy_pass_request_body off;",
         'proxy_set_header Content-Length "";',
         *[f'proxy_set_header {name} "";' for name in _STRIP],
