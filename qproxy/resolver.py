@@ -35,6 +35,8 @@ from qproxy.sweep import sweep
 
 log = logging.getLogger("qproxy.resolver")
 
+# The resolver's own routes, never taken for keys under the public path.
+_SERVICE_PATHS = ("/auth", "/status/", "/internal/blob/", "/healthz", "/metrics")
 LOCAL_PREFIX = "/_qp/local/"
 PEER_PREFIX = "/_qp/peer/"
 
@@ -116,15 +118,18 @@ class Resolver:
         public = self.config.public_path
         routes = [
             Route("/resolve/{key:path}", self.resolve, methods=["GET", "HEAD"]),
-            Route(public + "{key:path}", self.public, methods=["GET", "HEAD"]),
             Route("/auth", self.auth, methods=["GET", "HEAD"]),
             Route("/status/{key:path}", self.status, methods=["GET"]),
             Route("/internal/blob/{key:path}", self.blob, methods=["GET", "HEAD"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
+            # Last: a public path of "/" must not hide the routes above.
+            Route(public + "{key:path}", self.public, methods=["GET", "HEAD"]),
         ]
         self.app = Starlette(routes=routes, lifespan=self._lifespan)
-        self._fast_prefixes = ("/resolve/",) if self.standalone else ("/resolve/", public)
+        # Under the public path nginx asks with the public URL (its retry does): answered
+        # here too, unless standalone (then the resolver sends the bytes itself).
+        self._public_fast = not self.standalone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The hot path (nginx asking about a key) without Starlette's routing and middleware:
@@ -136,18 +141,25 @@ class Resolver:
                 asked = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 await _send(send, 200, await self.auth_answer(asked), b"")
                 return
-            for prefix in self._fast_prefixes:
-                if path.startswith(prefix):
-                    retry = False
-                    for name, value in scope["headers"]:
-                        if name == b"x-qp-retry":
-                            retry = value == b"1"
-                    decision = await self.lookup(
-                        path[len(prefix) :], method=scope["method"], retry=retry
-                    )
-                    self.counts[decision.kind] += 1
-                    await _send(send, *self.render(decision))
-                    return
+            if path.startswith("/resolve/"):
+                raw_key = path[len("/resolve/") :]
+            elif (
+                self._public_fast
+                and path.startswith(self.config.public_path)
+                and not path.startswith(_SERVICE_PATHS)
+            ):
+                raw_key = path[len(self.config.public_path) :]
+            else:
+                raw_key = None
+            if raw_key is not None:
+                retry = False
+                for name, value in scope["headers"]:
+                    if name == b"x-qp-retry":
+                        retry = value == b"1"
+                decision = await self.lookup(raw_key, method=scope["method"], retry=retry)
+                self.counts[decision.kind] += 1
+                await _send(send, *self.render(decision))
+                return
         await self.app(scope, receive, send)
 
     # -- the decision ---------------------------------------------------------------------

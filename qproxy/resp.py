@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import weakref
 from typing import Any, cast
 
 import hiredis
@@ -118,26 +119,32 @@ class PipelinedRedis:
         self.options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        # One connection per event loop (a server may run one loop per thread).
+        self._protocols: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Protocol] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def call(self, *args: str | bytes | int) -> Any:
-        protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        protocol = self._protocols.get(loop)
         if protocol is None or protocol.closed:
-            protocol = await self._connect()
+            protocol = await self._connect(loop)
         return await protocol.call(pack(*args))
 
-    async def _connect(self) -> _Protocol:
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._protocol is not None and not self._protocol.closed:
-                return self._protocol
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
+        lock = self._locks.setdefault(loop, asyncio.Lock())
+        async with lock:
+            protocol = self._protocols.get(loop)
+            if protocol is not None and not protocol.closed:
+                return protocol
             try:
                 protocol = await asyncio.wait_for(self._open(), self.connect_timeout)
             except OSError as exc:  # TimeoutError included
                 raise RedisUnavailable(f"cannot connect to Redis: {exc or 'timed out'}") from exc
-            self._protocol = protocol
+            self._protocols[loop] = protocol
             return protocol
 
     async def _open(self) -> _Protocol:
@@ -178,6 +185,7 @@ class PipelinedRedis:
         return protocol
 
     async def close(self) -> None:
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.close()
-        self._protocol = None
+        """Close this event loop's connection."""
+        protocol = self._protocols.pop(asyncio.get_running_loop(), None)
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()

@@ -145,3 +145,20 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
         )
     finally:
         stack.services.pop("resolver-node2").stop()
+
+
+def test_public_path_at_the_root_leaves_the_service_routes_alone(
+    stack: Stack, quiet_node: Node
+) -> None:
+    key = put_local(quiet_node, b"root public path")
+    for standalone in ("0", "1"):
+        for client in client_for(stack, QPROXY_PUBLIC_PATH="/", QPROXY_STANDALONE=standalone):
+            assert client.get("/healthz").json()["redis"] is True
+            assert "qproxy_resolve_total" in client.get("/metrics").text
+            assert client.get(f"/status/{key}").json()["key"] == key
+            r = client.get(f"/{key}")
+            assert r.status_code == 200
+            if standalone == "1":
+                assert r.content == b"root public path"
+            else:
+                assert r.headers["x-accel-redirect"] == f"/_qp/local/{key}"

@@ -125,3 +125,29 @@ def test_password_and_database_from_the_url(
             await bad.call("PING")
 
     asyncio.run(main())
+
+
+def test_one_client_serves_event_loops_in_several_threads(
+    server: tuple[int, list[subprocess.Popen[bytes]]],
+) -> None:
+    import threading
+
+    port, _ = server
+    with redis.Redis(port=port) as client:
+        for i in range(50):
+            client.set(f"k{i}", str(i))
+    shared = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+    results: dict[int, list[bytes]] = {}
+
+    async def run(n: int) -> None:
+        results[n] = list(await asyncio.gather(*(shared.call("GET", f"k{i}") for i in range(50))))
+        await shared.close()
+
+    threads = [threading.Thread(target=asyncio.run, args=(run(n),)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(results) == [0, 1, 2]
+    for values in results.values():
+        assert values == [str(i).encode() for i in range(50)]
