@@ -170,11 +170,19 @@ class Bench:
     # -- measuring ----------------------------------------------------------------------
 
     def alternate(
-        self, row: Row, candidate: Callable[[], float], baseline: Callable[[], float]
+        self,
+        row: Row,
+        candidate: Callable[[], float],
+        baseline: Callable[[], float],
+        *,
+        rounds: int | None = None,
     ) -> Row:
-        for i in range(self.rounds):
+        for i in range(rounds or self.rounds):
             pair = [(row.cand, candidate), (row.base, baseline)]
             for values, fn in pair if i % 2 == 0 else reversed(pair):
+                # Every measurement starts with no dirty pages from the one before (they
+                # would be flushed inside the next one's fsync, or throttle its writes).
+                os.sync()
                 values.append(fn())
         self.rows.append(row)
         print(f"  {row.name}: {fmt(row)}", flush=True)
@@ -471,19 +479,27 @@ def latency_row(b: Bench) -> None:
             b.clean_local()
             return t * 1000
 
-        b.alternate(
+        # The documented servers carry the target (README, "which server"); gunicorn is
+        # measured beside them. Short requests, noisy baseline: more rounds, after one
+        # unmeasured request each (first-request setup: S3 and broker clients).
+        documented = server != "gunicorn"
+        cand()
+        b.curl_time(inline + "/upload", path)
+        row = b.alternate(
             Row(
                 f"request latency, {mib} MiB upload ({label})",
                 "ms",
                 "app behind qproxy",
                 "app uploading to S3 in the request",
                 higher_is_better=False,
-                target="<= 0.3x",
-                target_ratio=0.3,
+                target="<= 0.3x" if documented else "",
+                target_ratio=0.3 if documented else None,
             ),
             cand,
             lambda url=inline: b.curl_time(url + "/upload", path) * 1000,
+            rounds=1 if b.quick else max(b.rounds, 11),
         )
+        row.note = f"{len(row.cand)} rounds" + ("" if documented else "; not a documented server")
         b.stop("lat-qproxy")
         b.stop("lat-inline")
 
@@ -996,7 +1012,7 @@ def write_results(b: Bench, started: float, out: Path) -> None:
     )
     lines = [
         f"Measured {meta['date']} on {meta['machine']}, Python {meta['python']}, "
-        f"{b.rounds} rounds each (medians; spread min-max).",
+        f"{b.rounds} rounds each, more where a row says so (medians; spread min-max).",
         "",
         "| what | candidate | baseline | candidate | baseline | ratio | target | |",
         "|---|---|---|---|---|---|---|---|",
