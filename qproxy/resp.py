@@ -39,6 +39,12 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        try:
+            self._dispatch()
+        except hiredis.ProtocolError as exc:  # not Redis speaking: drop the connection
+            self._abort(f"Redis protocol error: {exc}")
+
+    def _dispatch(self) -> None:
         waiters = self.waiters
         while (reply := self.reader.gets()) is not False:
             if not waiters:  # an answer nobody asked for: the stream is out of step

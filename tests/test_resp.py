@@ -9,11 +9,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 
-from qproxy.devstack import find_redis, free_port
+from qproxy.devstack import Stack, find_redis, free_port
 from qproxy.errors import StateUnavailable
 from qproxy.resp import PipelinedRedis, RedisUnavailable
 from qproxy.state import AsyncStateReader
@@ -151,3 +152,17 @@ def test_one_client_serves_event_loops_in_several_threads(
     assert sorted(results) == [0, 1, 2]
     for values in results.values():
         assert values == [str(i).encode() for i in range(50)]
+
+
+def test_a_service_that_is_not_redis_is_refused_quickly(stack: Stack) -> None:
+    # The S3 endpoint (an HTTP server) where Redis was expected: garbage, not a hang.
+    port = urlsplit(stack.url("s3")).port
+
+    async def main() -> None:
+        client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=3)
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable):
+            await client.call("HGETALL", "qp:f:x")
+        assert time.monotonic() - started < 2.5
+
+    asyncio.run(main())
