@@ -175,3 +175,38 @@ def test_nasty_filenames_and_types() -> None:
     assert clean_content_type("application/octet-stream", "a.pdf") == "application/pdf"
     assert clean_content_type("image/JPEG; charset=x", "") == "image/jpeg"
     assert clean_content_type("", "") == "application/octet-stream"
+
+
+def test_file_bytes_survive_boundary_lookalikes_at_every_chunk_size() -> None:
+    """The fast path through file data (a chunk without ``--boundary`` is file data but for
+    a tail) against werkzeug's own parser, with boundary look-alikes, lone CR/LF and
+    delimiter prefixes falling on every chunk edge."""
+    import random
+
+    rng = random.Random(7)
+    noise = [
+        b"--" + B,  # the boundary without a line break before it: data
+        b"\r\n-" + B,  # one dash short
+        b"\r\n--" + B[:-1],  # one byte short
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"\r\r\n\n",
+        b"--",
+        B,
+    ]
+    payload = b"x".join(rng.choice(noise) + rng.randbytes(rng.randint(0, 30)) for _ in range(60))
+    payload = payload.replace(b"\r\n--" + B + b"\r", b"").replace(b"\n--" + B, b"")
+    data = body(part("file", payload, "a.bin"), part("t", b"after"), part("f2", b"\r\n", "c"))
+    env = EnvironBuilder(
+        method="POST", data=data, content_type=f"multipart/form-data; boundary={B.decode()}"
+    ).get_environ()
+    _, _, files = parse_form_data(env)
+    reference = {name: storage.read() for name, storage in files.items()}
+    for storage in files.values():
+        storage.close()
+    assert reference["file"] == payload  # the payload holds no real delimiter
+    for step in [*range(1, 90), 127, 128, 129, 1000, len(data)]:
+        events, rewritten = run(data, step)
+        assert files_of(events) == {"k/1": payload, "k/2": b"\r\n"}, step
+        assert form_of(rewritten) == {"file": ["k/1"], "t": ["after"], "f2": ["k/2"]}, step
