@@ -8,6 +8,7 @@ whatever the umask: nginx, started as root, reads them as ``nobody``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -16,9 +17,9 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from qproxy.errors import InsufficientStorage, MalformedUpload, UploadTooLarge
 from qproxy.keys import validate_key
@@ -29,6 +30,30 @@ PRIVATE = ".qp"
 ADOPT_READ = 1024 * 1024
 WRITEBACK_STEP = 8 * 1024 * 1024
 _NODE_RE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start the disk write of a written range without waiting or dropping it from the page
+    cache (Linux sync_file_range): the fsync that makes the file durable then has little
+    left to do. Measured: ASGI upload of 256 MiB ~490 -> ~600 MiB/s. Only a head start:
+    the closing fsync still decides durability, so failure here is ignored."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync(fd: int, failed: list[OSError]) -> None:
@@ -112,16 +137,7 @@ class TempFile:
         self._hash.update(data)
         self.size += len(data)
         if self.size - self._flushed >= WRITEBACK_STEP:
-            # Start the disk write of what is done so far (Linux begins writeback of dirty
-            # pages and does not wait): the fsync at the end then has little left to do.
-            # Measured: ASGI upload of 256 MiB ~490 -> ~600 MiB/s. Advice only: never fatal.
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(
-                    self._fh.fileno(),
-                    self._flushed,
-                    self.size - self._flushed,
-                    os.POSIX_FADV_DONTNEED,
-                )
+            _start_writeback(self._fh.fileno(), self._flushed, self.size - self._flushed)
             self._flushed = self.size
 
     def close(self) -> None:
