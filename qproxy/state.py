@@ -67,8 +67,12 @@ _LONG = {short.encode(): name.encode() for name, short in FIELDS.items()}
 
 
 def timestamp(t: float) -> str:
-    """A time as stored: seconds with milliseconds."""
-    return f"{t:.3f}"
+    """A time as stored: seconds with milliseconds, rounded down (never later than ``t``:
+    a drop scheduled for now is due now, not half a millisecond from now)."""
+    ms = int(t * 1000)
+    if ms / 1000 > t:  # t * 1000 rounded up in floating point
+        ms -= 1
+    return f"{ms // 1000}.{ms % 1000:03d}"
 
 
 # ARGV: prefix, key, state, now, replace '1'|'', then field/value pairs.
