@@ -193,6 +193,12 @@ class Bench:
         bottleneck)."""
         return path.stat().st_size / MiB / self.curl_time(url, path, raw=raw)
 
+    def stored_upload(self, url: str, path: Path, *, raw: bool = False) -> float:
+        """:meth:`curl_upload` to a qproxy app, then its files out of the way."""
+        rate = self.curl_upload(url, path, raw=raw)
+        self.clean_local()
+        return rate
+
     def curl_time(self, url: str, path: Path, *, raw: bool = False) -> float:
         """Seconds one multipart upload of ``path`` takes, as the client sees it."""
         argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"]
@@ -285,9 +291,7 @@ def upload_rows(b: Bench) -> None:
         ngx = b.nginx("nginx-body", NGINX_BODY.replace("{tmp}", str(b.tmp / "nginx-body")))
 
         def cand() -> float:
-            rate = b.curl_upload(qp + "/upload", path)
-            b.clean_local()
-            return rate
+            return b.stored_upload(qp + "/upload", path)
 
         row = b.alternate(
             Row(
@@ -319,9 +323,7 @@ def upload_rows(b: Bench) -> None:
         gq = b.granian("wsgi-qproxy-granian", "bench.apps:wsgi_qproxy", "wsgi")
 
         def gcand() -> float:
-            rate = b.curl_upload(gq + "/upload", path)
-            b.clean_local()
-            return rate
+            return b.stored_upload(gq + "/upload", path)
 
         b.alternate(
             Row(
@@ -340,9 +342,7 @@ def upload_rows(b: Bench) -> None:
         st = b.uvicorn("asgi-starlette", "bench.apps:asgi_starlette")
 
         def acand() -> float:
-            rate = b.curl_upload(aq + "/upload", path)
-            b.clean_local()
-            return rate
+            return b.stored_upload(aq + "/upload", path)
 
         b.alternate(
             Row(
@@ -374,23 +374,18 @@ def upload_rows(b: Bench) -> None:
         # Offload mode: nginx writes the raw body, qproxy hashes, fsyncs and renames it.
         raw_env = {"QPROXY_RAW_UPLOAD_PATHS": "/raw/*"}
         oq = b.gunicorn("wsgi-offload", "bench.apps:wsgi_qproxy()", env=raw_env)
-        offload = b.nginx(
-            "nginx-offload",
-            full_config(
-                b.stack.config.replace(raw_upload_paths="/raw/*", max_upload_bytes=2 * size),
-                NginxOptions(
-                    listen="127.0.0.1:{port}",
-                    app=oq,
-                    resolver=b.stack.url("resolver"),
-                    offload=True,
-                ),
-            ),
-        )
+        raw_config = b.stack.config.replace(raw_upload_paths="/raw/*", max_upload_bytes=2 * size)
+
+        def offload_nginx(name: str, app: str) -> str:
+            options = NginxOptions(
+                listen="127.0.0.1:{port}", app=app, resolver=b.stack.url("resolver"), offload=True
+            )
+            return b.nginx(name, full_config(raw_config, options))
+
+        offload = offload_nginx("nginx-offload", oq)
 
         def ocand() -> float:
-            rate = b.curl_upload(offload + "/raw/big.bin", path, raw=True)
-            b.clean_local()
-            return rate
+            return b.stored_upload(offload + "/raw/big.bin", path, raw=True)
 
         b.alternate(
             Row(
@@ -406,18 +401,7 @@ def upload_rows(b: Bench) -> None:
         )
         # The same, against the durable ceiling: nginx writes, a bare app fsyncs the file.
         fs = b.gunicorn("wsgi-fsync", "bench.apps:wsgi_fsync_body")
-        durable = b.nginx(
-            "nginx-durable",
-            full_config(
-                b.stack.config.replace(raw_upload_paths="/raw/*", max_upload_bytes=2 * size),
-                NginxOptions(
-                    listen="127.0.0.1:{port}",
-                    app=fs,
-                    resolver=b.stack.url("resolver"),
-                    offload=True,
-                ),
-            ),
-        )
+        durable = offload_nginx("nginx-durable", fs)
         b.alternate(
             Row(
                 f"ingest {size // MiB} MiB raw body, offload mode vs durable nginx",
@@ -958,11 +942,6 @@ def servers_row(b: Bench) -> None:
         gr = b.granian("srv-granian", "bench.apps:wsgi_qproxy", "wsgi")
         gu = b.gunicorn("srv-gunicorn", "bench.apps:wsgi_qproxy()")
 
-        def upload(url: str) -> float:
-            rate = b.curl_upload(url + "/upload", path)
-            b.clean_local()
-            return rate
-
         b.alternate(
             Row(
                 f"server: upload {size // MiB} MiB through the WSGI middleware",
@@ -970,8 +949,8 @@ def servers_row(b: Bench) -> None:
                 "granian (1 worker)",
                 "gunicorn (1 worker, 4 threads)",
             ),
-            lambda: upload(gr),
-            lambda: upload(gu),
+            lambda: b.stored_upload(gr + "/upload", path),
+            lambda: b.stored_upload(gu + "/upload", path),
         )
         b.stop("srv-granian")
         b.stop("srv-gunicorn")

@@ -156,13 +156,18 @@ class Resolver:
                 for name, value in scope["headers"]:
                     if name == b"x-qp-retry":
                         retry = value == b"1"
-                decision = await self.lookup(raw_key, method=scope["method"], retry=retry)
-                self.counts[decision.kind] += 1
+                decision = await self.counted(raw_key, method=scope["method"], retry=retry)
                 await _send(send, *self.render(decision))
                 return
         await self.app(scope, receive, send)
 
     # -- the decision ---------------------------------------------------------------------
+
+    async def counted(self, raw_key: str, *, method: str, retry: bool = False) -> Decision:
+        """:meth:`lookup` for a request, counted in /metrics."""
+        decision = await self.lookup(raw_key, method=method, retry=retry)
+        self.counts[decision.kind] += 1
+        return decision
 
     async def lookup(self, raw_key: str, *, method: str = "GET", retry: bool = False) -> Decision:
         try:
@@ -232,15 +237,15 @@ class Resolver:
 
     async def resolve(self, request: Request) -> Response:
         retry = request.headers.get("x-qp-retry") == "1"
-        decision = await self.lookup(request.path_params["key"], method=request.method, retry=retry)
-        self.counts[decision.kind] += 1
+        decision = await self.counted(
+            request.path_params["key"], method=request.method, retry=retry
+        )
         return self.x_accel(decision)
 
     async def public(self, request: Request) -> Response:
         if not self.standalone:
             return await self.resolve(request)
-        decision = await self.lookup(request.path_params["key"], method=request.method)
-        self.counts[decision.kind] += 1
+        decision = await self.counted(request.path_params["key"], method=request.method)
         if decision.kind == "local":
             path = self.node.local.path_for(decision.key)
             if not path.is_file():
@@ -328,8 +333,7 @@ class Resolver:
         if not path.startswith(public):
             return [*out, (b"x-accel-expires", NO_CACHE)]
         retry = headers.get("x-qp-retry") == "1"
-        decision = await self.lookup(path[len(public) :], method=method, retry=retry)
-        self.counts[decision.kind] += 1
+        decision = await self.counted(path[len(public) :], method=method, retry=retry)
         out.append(
             (
                 b"x-accel-expires",
