@@ -11,7 +11,9 @@ import functools
 import logging
 from typing import Any
 
+import anyio
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qproxy.config import Config
@@ -106,20 +108,57 @@ class UploadMiddleware:
         await _Settle(intake, body, receive, send).run(self.app, app_scope)
 
     async def _read_body(self, receive: Receive, intake: Intake) -> None:
-        pending = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            pending += message.get("body", b"")
-            more = bool(message.get("more_body", False))
-            if len(pending) >= FEED_SIZE or (pending and not more):
-                chunk = bytes(pending)
-                pending.clear()
-                await anyio.to_thread.run_sync(intake.feed, chunk)
-            if not more:
-                break
-        await anyio.to_thread.run_sync(intake.feed, b"")
+        """Feeds the body to the intake in a worker thread, one chunk in flight while the
+        event loop gathers the next (so receiving and hashing/writing use two cores)."""
+        sender, chunks = anyio.create_memory_object_stream[bytes](1)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_feed, chunks, intake)
+                async with sender:
+                    await _gather(receive, sender)
+        except BaseExceptionGroup as group:
+            raise _first_cause(group) from None
+
+
+async def _gather(receive: Receive, sender: MemoryObjectSendStream[bytes]) -> None:
+    pending = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        pending += message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        if len(pending) >= FEED_SIZE or (pending and not more):
+            chunk = bytes(pending)
+            pending.clear()
+            await sender.send(chunk)
+        if not more:
+            return
+
+
+async def _feed(chunks: MemoryObjectReceiveStream[bytes], intake: Intake) -> None:
+    async with chunks:
+        async for chunk in chunks:
+            await anyio.to_thread.run_sync(intake.feed, chunk)
+    await anyio.to_thread.run_sync(intake.feed, b"")
+
+
+def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that stopped the body read, not the ones it caused in its partner
+    task (a closed stream, a cancellation)."""
+    knock_on = (
+        anyio.BrokenResourceError,
+        anyio.ClosedResourceError,
+        anyio.get_cancelled_exc_class(),
+    )
+    found = [exc for exc in _leaves(group) if not isinstance(exc, knock_on)]
+    return found[0] if found else group
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 class _Settle:

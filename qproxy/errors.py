@@ -31,6 +31,12 @@ class MalformedUpload(QProxyError):
     status = 400
 
 
+class IncompleteBody(QProxyError):
+    """The client stopped sending before the end of the body it declared."""
+
+    status = 400
+
+
 class LengthRequired(QProxyError):
     """The body has neither a Content-Length nor a framing the server terminated."""
 

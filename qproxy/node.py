@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import queue
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -311,6 +313,62 @@ class Intake:
                 temp.discard()
             except OSError as exc:  # pragma: no cover - the disk went away
                 log.warning("qproxy: could not remove %s: %s", temp.path, exc)
+
+
+class Feeder:
+    """Feeds an intake from a helper thread, one chunk behind the caller, so reading the
+    body from the socket and parsing, hashing and writing it use two cores.
+
+    Use as a context manager; leaving it waits for the thread, and re-raises the error a
+    feed raised (``put`` raises it too, as soon as it is known). A body of one chunk never
+    starts the thread. At most three chunks are held: the one read, one queued, one fed.
+    """
+
+    def __init__(self, intake: Intake) -> None:
+        self._intake = intake
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
+        self._thread: threading.Thread | None = None
+        self._held: bytes | None = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> Feeder:
+        return self
+
+    def put(self, data: bytes) -> None:
+        """The next chunk of the body; ``b""`` ends it."""
+        if self._error is not None:
+            raise self._error
+        if self._thread is not None:
+            self._queue.put(data)
+        elif self._held is None and data:
+            self._held = data  # maybe the whole body: wait for the next call to know
+        elif not data:  # the body was one chunk, or none
+            if self._held is not None:
+                self._intake.feed(self._held)
+                self._held = None
+            self._intake.feed(data)
+        else:
+            self._thread = threading.Thread(target=self._run, name="qproxy-feed", daemon=True)
+            self._thread.start()
+            self._queue.put(self._held)
+            self._held = None
+            self._queue.put(data)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None and exc_info[0] is None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._intake.feed(data)
+                except BaseException as exc:  # handed to the reading thread
+                    self._error = exc
 
 
 def drop_local_copies(node: Node, *, now: float | None = None, limit: int = 500) -> int:

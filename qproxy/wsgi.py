@@ -14,16 +14,16 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from qproxy.config import Config
-from qproxy.errors import QProxyError
+from qproxy.errors import IncompleteBody, QProxyError
 from qproxy.intercept import KEY_HEADER, check_length, error_response, should_commit
-from qproxy.node import Intake, Node
+from qproxy.node import Feeder, Intake, Node
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("qproxy")
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
 KEY_ENVIRON = "HTTP_" + KEY_HEADER.upper().replace("-", "_")
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
@@ -92,15 +92,23 @@ class UploadMiddleware:
             chunked=bool(environ.get("wsgi.input_terminated")),
             max_body=self.config.max_upload_bytes,
         )
-        while remaining is None or remaining > 0:
-            want = READ_SIZE if remaining is None else min(READ_SIZE, remaining)
-            chunk = stream.read(want)
-            if not chunk:
-                break
-            if remaining is not None:
-                remaining -= len(chunk)
-            intake.feed(chunk)
-        intake.feed(b"")
+        with Feeder(intake) as feeder:
+            while remaining is None or remaining > 0:
+                want = READ_SIZE if remaining is None else min(READ_SIZE, remaining)
+                chunk = stream.read(want)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                feeder.put(chunk)
+            if remaining:
+                # A server hands over what arrived before the client went away; a raw
+                # body cut short must not be kept as if it were whole.
+                declared = int(environ["CONTENT_LENGTH"])
+                raise IncompleteBody(
+                    f"request body ended after {declared - remaining} of {declared} bytes"
+                )
+            feeder.put(b"")
 
 
 class _Settle:
