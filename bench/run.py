@@ -583,7 +583,7 @@ def resolve_rows(b: Bench) -> None:
                         resolver=stack.url("resolver"),
                         mode=mode,
                         micro_cache=True,
-                        micro_cache_listen=f"127.0.0.1:{free_port()}",
+                        micro_cache_listen=f"unix:{b.tmp}/hop-{mode}.sock",
                     ),
                 ),
             )

@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--micro-cache-listen",
         default="127.0.0.1:8301",
-        help="loopback HOST:PORT of the caching hop in x-accel mode (default: 127.0.0.1:8301)",
+        help="where the caching hop of x-accel mode listens: loopback HOST:PORT, or "
+        "unix:/ABSOLUTE/PATH (a socket nginx creates; ~10%% more hot requests per second) "
+        "(default: 127.0.0.1:8301)",
     )
     p.add_argument(
         "--micro-cache-path",

@@ -339,7 +339,7 @@ class Stack:
             resolver=self.url("resolver"),
             mode=self.mode,
             micro_cache=self.micro_cache,
-            micro_cache_listen=f"127.0.0.1:{free_port()}",
+            micro_cache_listen=f"unix:{self.dir}/nginx-decisions.sock",
             offload=self.offload,
         )
         # nginx creates its body folder (offload) but not the folders above it.

@@ -30,20 +30,23 @@ def _lookups(stack: Stack) -> int:
     )
 
 
-@pytest.fixture(scope="module", params=["x-accel", "auth_request"])
+@pytest.fixture(scope="module", params=["x-accel", "x-accel-unix", "auth_request"])
 def cached(request: pytest.FixtureRequest, stack: Stack) -> Iterator[str]:
     if not stack.use_nginx:
         pytest.skip("nginx is not installed")
-    mode = request.param
+    mode = request.param.removesuffix("-unix")
+    hop = f"127.0.0.1:{free_port()}"
+    if request.param.endswith("-unix"):  # the caching hop on a unix socket
+        hop = f"unix:{stack.dir}/hop-{free_port()}.sock"
     options = NginxOptions(
         listen="127.0.0.1:{port}",
         app=stack.url("app"),
         resolver=stack.url("resolver"),
         mode=mode,
         micro_cache=True,
-        micro_cache_listen=f"127.0.0.1:{free_port()}",
+        micro_cache_listen=hop,
     )
-    name = f"nginx-micro-{mode}"
+    name = f"nginx-micro-{request.param}"
     url = stack.add_nginx(name, full_config(stack.config, options))
     yield url
     stack.services.pop(name).stop()

@@ -14,6 +14,7 @@ import pytest
 
 from qproxy.config import Config
 from qproxy.devstack import find_nginx
+from qproxy.errors import ConfigError
 from qproxy.nginxconf import NginxOptions, full_config, server_block
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,3 +119,19 @@ def test_cli_rejects_bad_urls() -> None:
     )
     assert result.returncode == 2
     assert "--app must look like http://HOST:PORT" in result.stderr
+
+
+def test_micro_cache_hop_address() -> None:
+    def conf(hop: str) -> str:
+        return server_block(
+            CONFIG,
+            NginxOptions(micro_cache=True, micro_cache_listen=hop),
+        )
+
+    out = conf("unix:/run/nginx/qp-hop.sock")
+    assert "listen unix:/run/nginx/qp-hop.sock;" in out
+    assert "server unix:/run/nginx/qp-hop.sock;" in out
+    assert "server 127.0.0.1:8301;" in conf("127.0.0.1:8301")
+    for bad in ("unix:relative.sock", "unix:/a b.sock", "unix:/x;y", "ftp://x:1", "host"):
+        with pytest.raises(ConfigError, match="micro-cache-listen"):
+            conf(bad)
