@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import re
 import stat
 import threading
@@ -29,6 +30,8 @@ DIR_MODE = 0o755
 PRIVATE = ".qp"
 ADOPT_READ = 1024 * 1024
 WRITEBACK_STEP = 8 * 1024 * 1024
+# From this size on, a file's SHA-256 runs in a thread of its own, beside the writes.
+HASH_THREAD_FROM = 1024 * 1024
 _NODE_RE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -69,6 +72,29 @@ def _storage_error(exc: OSError) -> Exception:
     return exc
 
 
+class _Hasher:
+    """Feeds a hash from a thread of its own, in order, a bounded queue behind the writer:
+    hashing and writing a large upload then take max(hash, write) instead of their sum
+    (both leave the GIL)."""
+
+    def __init__(self, hash_: Any) -> None:
+        self._hash = hash_
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
+        self._thread = threading.Thread(target=self._run, name="qproxy-hash", daemon=True)
+        self._thread.start()
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+
 class TempFile:
     """A file being written: counts its size and sha256 as the bytes stream in."""
 
@@ -76,6 +102,7 @@ class TempFile:
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
+        self._hasher: _Hasher | None = None
         self._fh: IO[bytes] | None = None
         self._flushed = 0
         if create:
@@ -123,7 +150,13 @@ class TempFile:
 
     @property
     def sha256(self) -> str:
+        self._finish_hash()
         return self._hash.hexdigest()
+
+    def _finish_hash(self) -> None:
+        if self._hasher is not None:
+            self._hasher.finish()
+            self._hasher = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fh is not None, "write after close"
@@ -134,7 +167,14 @@ class TempFile:
                 view = view[written or 0 :]
         except OSError as exc:
             raise _storage_error(exc) from exc
-        self._hash.update(data)
+        if self._hasher is None and self.size >= HASH_THREAD_FROM:
+            self._hasher = _Hasher(self._hash)
+        if self._hasher is not None:
+            # Queued, so it must not change under the hasher: bytes are copied only if
+            # the caller passed something mutable.
+            self._hasher.update(data if isinstance(data, bytes) else bytes(data))
+        else:
+            self._hash.update(data)
         self.size += len(data)
         if self.size - self._flushed >= WRITEBACK_STEP:
             _start_writeback(self._fh.fileno(), self._flushed, self.size - self._flushed)
@@ -145,14 +185,16 @@ class TempFile:
         if self._fh is None:
             return
         try:
-            os.fsync(self._fh.fileno())
+            os.fsync(self._fh.fileno())  # the hash thread finishes meanwhile
         except OSError as exc:
             raise _storage_error(exc) from exc
         finally:
             self._fh.close()
             self._fh = None
+            self._finish_hash()
 
     def discard(self) -> None:
+        self._finish_hash()
         if self._fh is not None:
             self._fh.close()
             self._fh = None
