@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -1107,7 +1107,7 @@ def write_results(b: Bench, started: float, out: Path) -> None:
         )
     (out / "latest.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _charts(b, out)
+    _charts(b.rows, _title(meta), out)
 
 
 def _cell(values: list[float], unit: str) -> str:
@@ -1118,43 +1118,66 @@ def _cell(values: list[float], unit: str) -> str:
     return f"{med:.1f} {unit}{spread}"
 
 
-def _charts(b: Bench, out: Path) -> None:
+def _charts(rows: list[Row], title: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in b.rows if r.ratio is not None]
+    rows = [r for r in rows if r.ratio is not None]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(rows)))
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.42 * len(rows)))
     names = [r.name for r in rows]
     ratios = [r.ratio or 0 for r in rows]
     colors = ["#999" if r.met is None else "#2a7" if r.met else "#c33" for r in rows]
     ax.barh(names, ratios, color=colors)
     for i, r in enumerate(rows):
+        ax.text((r.ratio or 0) + 0.03, i, f"{r.ratio:.2f}x", va="center", fontsize=8)
         if r.target_ratio:
             ax.plot(
                 [r.target_ratio, r.target_ratio], [i - 0.4, i + 0.4], color="black", linewidth=2
             )
     ax.axvline(1.0, color="#888", linewidth=0.8, linestyle="--")
     ax.invert_yaxis()
-    ax.set_xlabel("candidate / baseline, measured in the same run (black: target; red: missed)")
-    ax.set_title("qproxy benchmarks")
-    fig.tight_layout()
-    fig.savefig(out / "ratios.png", dpi=110)
+    ax.set_xlabel(
+        "candidate / baseline, measured in the same run\n"
+        "black: target; green met, red missed, grey no target; latency: lower is better"
+    )
+    ax.set_title(title, fontsize=10)
+    fig.savefig(out / "ratios.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def redraw(out: Path) -> None:
+    """The chart again from ``latest.json`` (no measuring)."""
+    data = json.loads((out / "latest.json").read_text())
+    names = {f.name for f in fields(Row)}
+    rows = [Row(**{k: v for k, v in row.items() if k in names}) for row in data["rows"]]
+    _charts(rows, _title(data["meta"]), out)
+
+
+def _title(meta: dict[str, Any]) -> str:
+    return f"qproxy benchmarks, {meta['date']}, {meta['machine']}, Python {meta['python']}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny inputs, one round (a smoke run)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--redraw",
+        action="store_true",
+        help="draw the chart again from latest.json, measure nothing",
+    )
     parser.add_argument("--only", action="append", choices=sorted(ROWS), help="run only these rows")
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="where results go (default: bench/results)"
     )
     args = parser.parse_args(argv)
+    if args.redraw:
+        redraw(args.out)
+        return 0
     rounds = 1 if args.quick else args.rounds
     started = time.monotonic()
     for name, value in AWS_TEST_ENV.items():  # moto's throwaway credentials

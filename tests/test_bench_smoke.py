@@ -45,3 +45,15 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         assert row["cand_median"] is not None and row["cand_median"] > 0, row
     assert (tmp_path / "latest.md").read_text().startswith("Measured ")
     assert (tmp_path / "ratios.png").stat().st_size > 1000
+
+    # The chart can be drawn again from the results alone.
+    (tmp_path / "ratios.png").unlink()
+    redrawn = subprocess.run(
+        [sys.executable, "-m", "bench", "--redraw", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert redrawn.returncode == 0, redrawn.stderr[-3000:]
+    assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
