@@ -10,7 +10,6 @@ Each node has a schedule (``qp:drop:<node>``) of local copies it may drop, and w
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -343,20 +342,32 @@ class StateStore:
 
     def drop_done(self, node: str, key: str, record: FileRecord | None) -> None:
         """The node no longer holds ``key``: unschedule it and mark the record."""
-        self.redis.zrem(f"{self.prefix}drop:{node}", key)
-        if record is None or record.state not in ("remote", "deleted"):
-            return
-        # Only if nothing happened to the record meanwhile (a re-upload keeps its copy).
-        with contextlib.suppress(LeaseLost):
-            self.transition(
-                key,
-                record.state,
-                gen=record.gen,
-                from_states=(record.state,),
-                fields={"has_local": "0"},
-            )
+        version = record.version if record is not None else None
+        for _ in range(5):
+            # Only while it is the same upload, still remote or deleted (a re-upload keeps
+            # its copy). Another change to the record meanwhile (a purge clearing the S3
+            # copy, the janitor of another process) is no reason to give up: read it again.
+            if record is None or record.state not in ("remote", "deleted"):
+                break
+            if record.version != version:
+                break
+            try:
+                self.transition(
+                    key,
+                    record.state,
+                    gen=record.gen,
+                    from_states=(record.state,),
+                    fields={"has_local": "0"},
+                )
+            except LeaseLost:
+                record = self.get(key)
+                continue
             if record.state == "deleted":
                 self.forget(key)
+            break
+        # Unscheduled last: had this gone first, a lost race above left has_local set on a
+        # record nobody would look at again (a deleted record then never went away).
+        self.redis.zrem(f"{self.prefix}drop:{node}", key)
 
     def forget(self, key: str) -> bool:
         """Remove a deleted record once no copy is left anywhere."""

@@ -272,6 +272,25 @@ def test_delete_removes_every_copy_and_then_the_record(stack: Stack, quiet_node:
     assert quiet_node.state.get(key) is None  # no copy left: the record goes too
 
 
+def test_janitor_losing_a_race_to_purge_still_lets_the_record_go(quiet_node: Node) -> None:
+    """The janitor read the record, removed the local file, and meanwhile the delete task
+    cleared the S3 copy (a newer generation): its mark must still land, or a deleted
+    record with no copy anywhere stays forever (seen in a fresh-clone run)."""
+    from qproxy.tasks import purge
+
+    key = put_local(quiet_node, b"raced")
+    assert transfer(quiet_node, key) == "remote"
+    assert quiet_node.delete(key)
+    node_id = quiet_node.config.node_id
+    seen = quiet_node.state.get(key)  # the janitor's read
+    assert seen is not None and seen.has_local and seen.has_remote
+    assert quiet_node.local.remove(key)  # the janitor's removal
+    assert purge(quiet_node, key) == "deleted"  # S3 copy gone; the record waits for the mark
+    quiet_node.state.drop_done(node_id, key, seen)  # the janitor's (now stale) mark
+    assert quiet_node.state.get(key) is None
+    assert key not in quiet_node.state.due_drops(node_id, now=time.time() + 3600)
+
+
 def test_delete_while_local_only(stack: Stack, quiet_node: Node) -> None:
     from qproxy.node import drop_local_copies
 

@@ -26,7 +26,7 @@ def test_web_server_killed_mid_upload() -> None:
             yield b'--b0\r\nContent-Disposition: form-data; name="file"; filename="half.bin"\r\n\r\n'
             for i in range(200):
                 yield os.urandom(64 * 1024)
-                if i == 20:
+                if i == 60:  # ~4 MiB in: past the adapters' first read and feed
                     sent.set()
                 time.sleep(0.02)
             yield b"\r\n--b0--\r\n"
