@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# s3rver (npm): the S3 that checks presigned URLs (tests/test_presigned.py)
+S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 
 .PHONY: bench test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
 
-## system-deps: Debian's redis-server, nginx, and wrk + curl for the benchmarks
+## system-deps: Debian's redis-server, nginx, npm (for s3rver), and wrk + curl for the benchmarks
 ## (installed when run as root and absent)
 system-deps:
 	@missing=""; \
@@ -15,6 +17,7 @@ system-deps:
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
@@ -64,12 +67,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(S3RVER)
 	$(BIN)/pytest
+
+$(S3RVER):
+	npm install --prefix .cache/s3rver --no-audit --no-fund --silent s3rver@3.7.1
 
 ## benchmarks: ratios against baselines measured in the same run (needs wrk and curl)
 bench: system-deps $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) $(NEWER_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(NEWER_VENV) .cache .pytest_cache .mypy_cache .ruff_cache
