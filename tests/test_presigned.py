@@ -58,10 +58,12 @@ def store(s3rver: str, monkeypatch: pytest.MonkeyPatch) -> RemoteStore:
     # s3rver's one account; a request signed with any other key is refused.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "S3RVER")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S3RVER")
-    client = boto3.client(
-        "s3",
+    client = boto3.session.Session().client(  # not boto3's default session: it keeps
+        "s3",  # the credentials it saw first (another test's)
         endpoint_url=s3rver,
         region_name="us-east-1",
+        aws_access_key_id="S3RVER",
+        aws_secret_access_key="S3RVER",
         config=botocore.config.Config(
             request_checksum_calculation="when_required", s3={"addressing_style": "path"}
         ),
