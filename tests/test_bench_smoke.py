@@ -13,17 +13,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _bench(*args: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.skipif(
     not (shutil.which("wrk") and shutil.which("curl")), reason="wrk and curl are needed"
 )
 def test_bench_quick_run(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _bench("--quick", "--out", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     names = [row["name"] for row in data["rows"]]
@@ -48,12 +52,6 @@ def test_bench_quick_run(tmp_path: Path) -> None:
 
     # The chart can be drawn again from the results alone.
     (tmp_path / "ratios.png").unlink()
-    redrawn = subprocess.run(
-        [sys.executable, "-m", "bench", "--redraw", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    redrawn = _bench("--redraw", "--out", str(tmp_path), timeout=60)
     assert redrawn.returncode == 0, redrawn.stderr[-3000:]
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
