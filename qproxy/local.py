@@ -72,27 +72,38 @@ def _storage_error(exc: OSError) -> Exception:
     return exc
 
 
-class _Hasher:
-    """Feeds a hash from a thread of its own, in order, a bounded queue behind the writer:
-    hashing and writing a large upload then take max(hash, write) instead of their sum
-    (both leave the GIL)."""
+class Behind:
+    """Calls ``fn`` on each item in a thread of its own, in order, at most ``depth`` items
+    behind the caller: two steps that both leave the GIL (hashing and writing, parsing
+    and reading) then take the longer of the two instead of their sum.
 
-    def __init__(self, hash_: Any) -> None:
-        self._hash = hash_
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
-        self._thread = threading.Thread(target=self._run, name="qproxy-hash", daemon=True)
+    The first exception ``fn`` raises is kept (``error``) and later items are dropped;
+    :meth:`put` raises it as soon as it is known. :meth:`stop` waits for the thread.
+    """
+
+    def __init__(self, fn: Callable[[Any], object], *, depth: int, name: str) -> None:
+        self._fn = fn
+        self._queue: queue.Queue[tuple[Any] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def update(self, data: bytes) -> None:
-        self._queue.put(data)
+    def put(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((item,))
 
-    def finish(self) -> None:
+    def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self._hash.update(data)
+        while (entry := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._fn(entry[0])
+                except BaseException as exc:  # handed to the caller's thread
+                    self.error = exc
 
 
 class TempFile:
@@ -102,7 +113,7 @@ class TempFile:
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
-        self._hasher: _Hasher | None = None
+        self._hasher: Behind | None = None
         self._fh: IO[bytes] | None = None
         self._flushed = 0
         if create:
@@ -155,7 +166,7 @@ class TempFile:
 
     def _finish_hash(self) -> None:
         if self._hasher is not None:
-            self._hasher.finish()
+            self._hasher.stop()
             self._hasher = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -168,11 +179,11 @@ class TempFile:
         except OSError as exc:
             raise _storage_error(exc) from exc
         if self._hasher is None and self.size >= HASH_THREAD_FROM:
-            self._hasher = _Hasher(self._hash)
+            self._hasher = Behind(self._hash.update, depth=32, name="qproxy-hash")
         if self._hasher is not None:
             # Queued, so it must not change under the hasher: bytes are copied only if
             # the caller passed something mutable.
-            self._hasher.update(data if isinstance(data, bytes) else bytes(data))
+            self._hasher.put(data if isinstance(data, bytes) else bytes(data))
         else:
             self._hash.update(data)
         self.size += len(data)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import queue
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -29,7 +27,7 @@ from qproxy.intercept import (
     Rewriter,
     plan_upload,
 )
-from qproxy.local import LocalStore, TempFile
+from qproxy.local import Behind, LocalStore, TempFile
 from qproxy.state import StateStore
 
 if TYPE_CHECKING:
@@ -326,20 +324,16 @@ class Feeder:
 
     def __init__(self, intake: Intake) -> None:
         self._intake = intake
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
-        self._thread: threading.Thread | None = None
+        self._behind: Behind | None = None
         self._held: bytes | None = None
-        self._error: BaseException | None = None
 
     def __enter__(self) -> Feeder:
         return self
 
     def put(self, data: bytes) -> None:
         """The next chunk of the body; ``b""`` ends it."""
-        if self._error is not None:
-            raise self._error
-        if self._thread is not None:
-            self._queue.put(data)
+        if self._behind is not None:
+            self._behind.put(data)
         elif self._held is None and data:
             self._held = data  # maybe the whole body: wait for the next call to know
         elif not data:  # the body was one chunk, or none
@@ -348,27 +342,17 @@ class Feeder:
                 self._held = None
             self._intake.feed(data)
         else:
-            self._thread = threading.Thread(target=self._run, name="qproxy-feed", daemon=True)
-            self._thread.start()
-            self._queue.put(self._held)
+            self._behind = Behind(self._intake.feed, depth=1, name="qproxy-feed")
+            self._behind.put(self._held)
             self._held = None
-            self._queue.put(data)
+            self._behind.put(data)
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        if self._error is not None and exc_info[0] is None:
-            raise self._error
-
-    def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._intake.feed(data)
-                except BaseException as exc:  # handed to the reading thread
-                    self._error = exc
+        if self._behind is None:
+            return
+        self._behind.stop()
+        if self._behind.error is not None and exc_info[0] is None:
+            raise self._behind.error
 
 
 def drop_local_copies(node: Node, *, now: float | None = None, limit: int = 500) -> int:
