@@ -26,9 +26,12 @@ from typing import Any
 
 import httpx
 
-from qproxy.devstack import AWS_TEST_ENV, Stack, free_port
-from qproxy.nginxconf import NginxOptions, full_config
-from qproxy.state import FIELDS, timestamp
+from qproxy.compose import Stores
+from qproxy.dev.devstack import AWS_TEST_ENV, Stack, free_port
+from qproxy.lifecycle.files import commit
+from qproxy.ops.nginx import NginxOptions, full_config
+from qproxy.stores.state import StateStore
+from qproxy.worker.sweep import requeue_stuck
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -697,9 +700,8 @@ def resolve_rows(b: Bench) -> None:
     # Remote: 302s per second straight from the resolver.
     r = httpx.post(stack.front + "/upload", files={"file": ("remote.bin", data)})
     rkey = r.json()["keys"][0]
-    from qproxy.node import Node
 
-    node = Node(stack.config)
+    node = Stores(stack.config)
     deadline = time.monotonic() + 60
     while (rec := node.state.get(rkey)) is None or rec.state != "remote":
         assert time.monotonic() < deadline
@@ -736,12 +738,9 @@ def resolve_rows(b: Bench) -> None:
 def transfer_row(b: Bench) -> None:
     import boto3
 
-    from qproxy.node import Node
-    from qproxy.state import StateStore  # noqa: F401
-
     size = (8 if b.quick else 256) * MiB
     path = b.big_file(size)
-    node = Node(b.stack.config)
+    node = Stores(b.stack.config)
     s3 = boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
 
     def cand() -> float:
@@ -752,7 +751,7 @@ def transfer_row(b: Bench) -> None:
         temp.close()
         key = "bench/t-" + os.urandom(6).hex() + ".bin"
         started = time.monotonic()
-        node.commit(temp, key, {"filename": "t.bin", "content_type": "application/octet-stream"})
+        commit(node, temp, key, {"filename": "t.bin", "content_type": "application/octet-stream"})
         while (rec := node.state.get(key)) is None or rec.state != "remote":
             time.sleep(0.02)
         rate = size / MiB / (time.monotonic() - started)
@@ -787,11 +786,9 @@ def transfer_many_row(b: Bench) -> None:
 
     import boto3
 
-    from qproxy.node import Node
-
     count = 40 if b.quick else 1000
     width = b.stack.worker_concurrency
-    node = Node(b.stack.config)
+    node = Stores(b.stack.config)
     s3 = boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
     payload = os.urandom(64 * 1024)
     worker = b.stack.services["worker"]
@@ -805,8 +802,11 @@ def transfer_many_row(b: Bench) -> None:
                 temp.write(payload)
                 temp.close()
                 key = "bench/many-" + os.urandom(6).hex() + ".bin"
-                node.commit(
-                    temp, key, {"filename": "m.bin", "content_type": "application/octet-stream"}
+                commit(
+                    node,
+                    temp,
+                    key,
+                    {"filename": "m.bin", "content_type": "application/octet-stream"},
                 )
                 keys.append(key)
         finally:
@@ -814,11 +814,8 @@ def transfer_many_row(b: Bench) -> None:
             worker.signal(signal.SIGCONT)
         pending = list(keys)
         while pending:
-            pipe = node.state.redis.pipeline(transaction=False)
-            for key in pending:
-                pipe.hget(node.state.record_key(key), FIELDS["state"])
-            states = pipe.execute()
-            pending = [k for k, st in zip(pending, states, strict=True) if st != b"remote"]
+            states = StateStore.from_url(b.stack.config.redis_url).states(pending)
+            pending = [k for k, st in zip(pending, states, strict=True) if st != "remote"]
             time.sleep(0.05)
         rate = count / (time.monotonic() - started)
         for key in keys:
@@ -853,9 +850,6 @@ def transfer_many_row(b: Bench) -> None:
 def state_row(b: Bench) -> None:
     import redis as redis_lib
 
-    from qproxy.node import Node
-    from qproxy.sweep import requeue_stuck
-
     n = 20_000 if b.quick else 1_000_000
     stuck = 100 if b.quick else 1000
     port = free_port()
@@ -880,8 +874,8 @@ def state_row(b: Bench) -> None:
     url = f"redis://127.0.0.1:{port}/0"
     client = redis_lib.Redis.from_url(url)
     b.stack.wait_for("redis-scale", lambda: bool(client.ping()))
-    node = Node(b.stack.config.replace(redis_url=url), queue=_NullQueue())
-    state = node.state
+    state = StateStore.from_url(url)
+    node = Stores(b.stack.config.replace(redis_url=url), state=state, queue=_NullQueue())
     before = int(client.info("memory")["used_memory"])
     now = time.time()
     # The fields a real upload's record has: written by the commit, then changed by the
@@ -907,20 +901,14 @@ def state_row(b: Bench) -> None:
     }
     batch = 2000
     for start in range(0, n, batch):
-        pipe = client.pipeline(transaction=False)
-        for i in range(start, min(n, start + batch)):
-            key = f"2026/11/26/{i:024d}.jpg"
-            record_key = [state.record_key(key)]
-            if i < stuck:
-                when = timestamp(now - 3600)
-                args = [state.prefix, key, "queued", when, "", *_flat(fields)]
-                state._create(keys=record_key, args=args, client=pipe)
-                continue
-            args = [state.prefix, key, "local", timestamp(now), "", *_flat(fields)]
-            state._create(keys=record_key, args=args, client=pipe)
-            args = [state.prefix, key, "remote", timestamp(now), "", "", "", "", ""]
-            state._transition(keys=record_key, args=[*args, *_flat(done)], client=pipe)
-        pipe.execute()
+        with state.bulk() as bulk:
+            for i in range(start, min(n, start + batch)):
+                key = f"2026/11/26/{i:024d}.jpg"
+                if i < stuck:
+                    bulk.create(key, "queued", fields, now=now - 3600)
+                    continue
+                bulk.create(key, "local", fields, now=now)
+                bulk.transition(key, "remote", fields=done, now=now)
     after = int(client.info("memory")["used_memory"])
     per_record = (after - before) / n
     started = time.monotonic()
@@ -951,12 +939,6 @@ class _NullQueue:
 
     def enqueue_delete(self, key: str, gen: int) -> None:
         pass
-
-
-def _flat(fields: dict[str, Any]) -> list[str]:
-    from qproxy.state import _flatten
-
-    return _flatten(fields)
 
 
 NGINX_BODY = """

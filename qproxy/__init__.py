@@ -5,6 +5,7 @@ Wrap an app with :class:`qproxy.wsgi.UploadMiddleware`; run ``qproxy worker`` an
 """
 
 from qproxy.config import Config
+from qproxy.core.upload import StoredFile
 from qproxy.errors import (
     ConfigError,
     InsufficientStorage,
@@ -18,7 +19,6 @@ from qproxy.errors import (
     UploadTooLarge,
     VerificationFailed,
 )
-from qproxy.node import StoredFile
 
 __version__ = "0.1.0"
 
@@ -28,10 +28,11 @@ def delete(key: str, config: Config | None = None) -> bool:
 
     Returns False if there was nothing to delete.
     """
+    from qproxy.compose import Stores
     from qproxy.keys import validate_key
-    from qproxy.node import Node
+    from qproxy.lifecycle.files import delete as delete_file
 
-    return Node(config).delete(validate_key(key))
+    return delete_file(Stores(config), validate_key(key))
 
 
 __all__ = [

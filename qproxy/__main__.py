@@ -1,5 +1,5 @@
 import sys
 
-from qproxy.cli import main
+from qproxy.ops.cli import main
 
 sys.exit(main())

@@ -1,4 +1,27 @@
-"""Every error qproxy raises on purpose, and the one place each maps to an HTTP status."""
+"""Every error qproxy raises on purpose, and the one place each maps to an HTTP status.
+
+Backends' own exceptions (redis-py's, botocore's, OSError from the disk) are mapped into
+this tree once, where each store talks to its backend (``qproxy/stores/``), with
+``raise ... from exc``; above the stores only these classes are caught.
+
+::
+
+    QProxyError
+    ├── ConfigError              500  a setting is missing or invalid
+    ├── InvalidKey               400
+    ├── MalformedUpload          400
+    ├── IncompleteBody           400
+    ├── ClientDisconnected       400  (nobody is left to read the answer)
+    ├── LengthRequired           411
+    ├── UploadTooLarge           413
+    ├── InsufficientStorage      507
+    ├── StateUnavailable         503  Redis
+    ├── RemoteError              502  S3
+    │   └── VerificationFailed
+    ├── LeaseLost                409  a compare-and-set found the record moved on
+    ├── KeyExists                409  a record for the key is already there
+    └── TransferRetry            503  this attempt failed; another follows
+"""
 
 from __future__ import annotations
 
@@ -33,6 +56,12 @@ class MalformedUpload(QProxyError):
 
 class IncompleteBody(QProxyError):
     """The client stopped sending before the end of the body it declared."""
+
+    status = 400
+
+
+class ClientDisconnected(QProxyError):
+    """The client went away before the whole body arrived."""
 
     status = 400
 
@@ -75,3 +104,19 @@ class LeaseLost(QProxyError):
     """A transfer lost its lease: another run or a newer upload owns the record now."""
 
     status = 409
+
+
+class KeyExists(QProxyError):
+    """A record for the key already exists (and was not to be replaced)."""
+
+    status = 409
+
+
+class TransferRetry(QProxyError):
+    """This transfer attempt failed (``cause``); the record is back in ``queued``."""
+
+    status = 503
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from qproxy.compose import Stores
 from qproxy.config import Config
-from qproxy.devstack import AWS_TEST_ENV, Stack, find_nginx
-from qproxy.node import Node
+from qproxy.dev.devstack import AWS_TEST_ENV, Stack
+from qproxy.keys import generate_key
+from qproxy.lifecycle.files import commit
+from qproxy.ops.nginx import find_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_UPLOAD = 20 * 1024 * 1024
@@ -75,18 +78,18 @@ def any_stack(request: pytest.FixtureRequest) -> Stack:
 
 
 @pytest.fixture
-def node(stack: Stack) -> Node:
+def node(stack: Stack) -> Stores:
     """A node in the test process, on the session stack's Redis, S3, queue and local root,
     so the stack's real worker transfers what it commits."""
-    return Node(stack.config)
+    return Stores(stack.config)
 
 
 @pytest.fixture
-def config(node: Node) -> Config:
+def config(node: Stores) -> Config:
     return node.config
 
 
-def wait_state(node: Node, key: str, want: str, timeout: float = 60) -> None:
+def wait_state(node: Stores, key: str, want: str, timeout: float = 60) -> None:
     """Poll the record until it reaches ``want`` (the worker runs in another process)."""
     deadline = time.monotonic() + timeout
     record = None
@@ -96,3 +99,23 @@ def wait_state(node: Node, key: str, want: str, timeout: float = 60) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"{key} never reached {want}: {record}")
+
+
+class NoQueue:
+    """Commit without a job, so the test drives ``transfer`` itself (no worker races it)."""
+
+    def enqueue_transfer(self, key: str, gen: int) -> None:
+        pass
+
+    def enqueue_delete(self, key: str, gen: int) -> None:
+        pass
+
+
+def put_local(node: Stores, data: bytes, key: str | None = None) -> str:
+    key = key or generate_key("f.bin")
+    node.local.ensure()
+    temp = node.local.create_temp()
+    temp.write(data)
+    temp.close()
+    commit(node, temp, key, {"filename": "f.bin", "content_type": "application/octet-stream"})
+    return key

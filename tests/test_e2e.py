@@ -16,8 +16,9 @@ import httpx
 import pytest
 import redis
 
-from qproxy.devstack import Stack
-from qproxy.node import Node, drop_local_copies
+from qproxy.compose import Stores
+from qproxy.dev.devstack import Stack
+from qproxy.worker.sweep import drop_local_copies
 from tests.conftest import MAX_UPLOAD, needs_nginx
 from tests.conftest import wait_state as wait_for_state
 
@@ -30,7 +31,7 @@ def upload(stack: Stack, data: bytes, name: str = "photo.jpg", ctype: str = "ima
 
 
 def wait_state(stack: Stack, key: str, want: str, timeout: float = 60) -> None:
-    wait_for_state(Node(stack.config), key, want, timeout)
+    wait_for_state(Stores(stack.config), key, want, timeout)
 
 
 def raw_get(port: int, path: str) -> tuple[int, bytes]:
@@ -52,7 +53,7 @@ def sha(data: bytes) -> str:
 
 def local_phase(stack: Stack, key: str, data: bytes) -> None:
     url = f"{stack.files_url}/media/{key}"
-    record = Node(stack.config).state.get(key)
+    record = Stores(stack.config).state.get(key)
     assert record is not None and record.state in ("local", "queued")
     with httpx.Client(timeout=30) as client:
         # Local: nginx sends the file from disk.
@@ -203,7 +204,7 @@ def test_hostile_paths_at_the_resolver(stack: Stack, path: str) -> None:
 
 @needs_nginx
 def test_body_over_the_limit_is_413_at_nginx(stack: Stack) -> None:
-    node = Node(stack.config)
+    node = Stores(stack.config)
     before = set(node.local.pending_files())
     too_big = os.urandom(MAX_UPLOAD + 1024)
     r = httpx.post(stack.front + "/upload", files={"file": ("big.bin", too_big)}, timeout=60)
@@ -238,7 +239,7 @@ def test_body_over_the_limit_is_413_at_nginx(stack: Stack) -> None:
 
 
 def test_local_copy_dropped_only_after_keep_period(stack: Stack) -> None:
-    node = Node(stack.config)
+    node = Stores(stack.config)
     key = upload(stack, b"keep me a while", "k.txt", "text/plain")
     wait_state(stack, key, "remote")
     assert node.local.exists(key)  # keep period (an hour by default) not over yet
@@ -267,7 +268,7 @@ def test_put_stores_a_file_like_an_upload(stack: Stack, tmp_path: os.PathLike[st
     key = out.stdout.strip()
     assert key.endswith(".pdf")
     wait_state(stack, key, "remote")
-    record = Node(stack.config).state.get(key)
+    record = Stores(stack.config).state.get(key)
     assert record is not None and record.filename == "report 2026.pdf"
     assert record.content_type == "application/pdf"
     served = httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True)
@@ -297,7 +298,7 @@ def test_one_redis_round_trip_per_resolve(stack: Stack) -> None:
 def test_a_local_copy_gone_under_nginx_is_served_from_s3(any_stack: Stack) -> None:
     """The resolver said "local", the file vanished before nginx read it: ask again, get S3."""
     stack = any_stack
-    node = Node(stack.config)
+    node = Stores(stack.config)
     key = upload(stack, b"dropped under our feet", "d.txt", "text/plain")
     wait_state(stack, key, "remote")
     record = node.state.get(key)

@@ -7,7 +7,7 @@ import inspect
 
 import qproxy
 from qproxy.config import Config
-from qproxy.node import StoredFile
+from qproxy.core.upload import StoredFile
 from qproxy.wsgi import UploadMiddleware
 
 

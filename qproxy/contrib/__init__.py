@@ -1,0 +1,1 @@
+"""Framework integrations under their usual import paths (``qproxy.contrib.django``)."""

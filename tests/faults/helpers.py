@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import boto3
 import httpx
 
-from qproxy.devstack import Stack
-from qproxy.node import Node
+from qproxy.compose import Stores
+from qproxy.dev.devstack import Stack
 from tests.conftest import _stack
 
 KiB, MiB = 1024, 1024 * 1024
@@ -160,7 +160,7 @@ def running(stack: Stack, name: str, every: float, action: object) -> Iterator[N
 
 def wait_all_remote(stack: Stack, keys: list[str], timeout: float) -> dict[str, int]:
     """Poll until every key is remote; returns the count per state at the end."""
-    node = Node(stack.config)
+    node = Stores(stack.config)
     deadline = time.monotonic() + timeout
     while True:
         states: Counter[str] = Counter()
@@ -202,7 +202,7 @@ def oracle(
         assert (hashlib.sha256(body).hexdigest(), len(body)) == (sha, size), f"{key} corrupt in S3"
     open_uploads = s3.list_multipart_uploads(Bucket="qproxy-dev").get("Uploads", [])
     assert open_uploads == [], f"open multipart uploads: {open_uploads}"
-    node = Node(stack.config)
+    node = Stores(stack.config)
     assert list(node.local.pending_files()) == [], "temp files left behind"
     for path in files_under(node.local.root):
         assert os.path.commonpath([node.local.root, path]) == str(node.local.root)

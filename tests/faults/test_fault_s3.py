@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from qproxy.node import Node
+from qproxy.compose import Stores
 from tests.faults.helpers import Accepted, Prober, fault_stack, oracle, sizes, upload_many
 
 
@@ -26,9 +26,27 @@ def test_s3_paused_20s() -> None:
                     r = httpx.get(f"{stack.files_url}/media/{key}", timeout=10)
                     assert r.status_code == 200 and r.headers["x-qproxy-source"] == "local"
                 time.sleep(max(0.0, 20 - (time.monotonic() - paused)))
-                node = Node(stack.config)
+                node = Stores(stack.config)
                 states = {node.state.get(k).state for k in accepted.files}  # type: ignore[union-attr]
                 assert "failed" not in states and "remote" not in states, states
             finally:
                 s3.signal(signal.SIGCONT)
             oracle(stack, accepted, timeout=90, prober=prober)
+
+
+def test_resolver_answers_while_s3_hangs() -> None:
+    """A miss asks S3 (Redis may have lost the record); an S3 that hangs must not hang the
+    resolver: nginx gets its answer within the resolver's own S3 timeout, every time."""
+    with fault_stack() as stack:
+        s3 = stack.services["s3"]
+        s3.signal(signal.SIGSTOP)
+        try:
+            for name in ("2026/01/01/gone.bin", "2026/01/01/also-gone.bin"):
+                # botocore's defaults (60 s read timeout, 3 attempts) would hang this for
+                # minutes; httpx gives up after 10 s.
+                r = httpx.get(f"{stack.files_url}/media/{name}", timeout=10)
+                assert r.status_code == 404
+            health = httpx.get(stack.url("resolver") + "/healthz", timeout=10)
+            assert health.status_code == 503 and health.json()["s3"] is False
+        finally:
+            s3.signal(signal.SIGCONT)

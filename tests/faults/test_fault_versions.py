@@ -12,7 +12,8 @@ from pathlib import Path
 import boto3
 import httpx
 
-from qproxy.node import Node
+from qproxy.compose import Stores
+from qproxy.lifecycle.files import delete
 from tests.faults.helpers import fault_stack
 
 
@@ -36,7 +37,7 @@ def served(stack: object, key: str) -> bytes:
 
 def test_newest_upload_wins_and_no_orphan(tmp_path: Path) -> None:
     with fault_stack() as stack:
-        node = Node(stack.config)
+        node = Stores(stack.config)
         key = "docs/report.pdf"
         versions = [os.urandom(3 * 1024 * 1024 + i) for i in range(4)]
         for i, data in enumerate(versions):
@@ -67,7 +68,7 @@ def test_newest_upload_wins_and_no_orphan(tmp_path: Path) -> None:
 
 def test_delete_while_transferring_leaves_nothing(tmp_path: Path) -> None:
     with fault_stack() as stack:
-        node = Node(stack.config)
+        node = Stores(stack.config)
         path = tmp_path / "big.bin"
         path.write_bytes(os.urandom(12 * 1024 * 1024))
         s3 = stack.services["s3"]
@@ -78,7 +79,7 @@ def test_delete_while_transferring_leaves_nothing(tmp_path: Path) -> None:
             while (rec := node.state.get("big/one.bin")) is None or rec.state != "transferring":
                 assert time.monotonic() < deadline, rec
                 time.sleep(0.1)
-            assert node.delete("big/one.bin")
+            assert delete(node, "big/one.bin")
             assert httpx.get(f"{stack.files_url}/media/big/one.bin").status_code == 404
         finally:
             s3.signal(signal.SIGCONT)

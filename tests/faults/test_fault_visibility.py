@@ -8,7 +8,7 @@ import time
 import boto3
 import httpx
 
-from qproxy.node import Node
+from qproxy.compose import Stores
 from tests.faults.helpers import MiB, fault_stack
 
 
@@ -20,7 +20,7 @@ def test_a_redelivered_transfer_is_fenced() -> None:
         "QPROXY_STUCK_SECONDS": "600",  # only Celery's redelivery runs it again here
     }
     with fault_stack(**settings) as stack:
-        node = Node(stack.config)
+        node = Stores(stack.config)
         s3 = stack.services["s3"]
         s3.signal(signal.SIGSTOP)  # the first run hangs in its upload...
         try:

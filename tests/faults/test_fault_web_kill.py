@@ -13,13 +13,13 @@ from collections.abc import Iterator
 
 import httpx
 
-from qproxy.node import Node
+from qproxy.compose import Stores
 from tests.faults.helpers import Accepted, fault_stack, oracle, sizes, upload_many
 
 
 def test_web_server_killed_mid_upload() -> None:
     with fault_stack() as stack:
-        node = Node(stack.config)
+        node = Stores(stack.config)
         sent = threading.Event()
 
         def slow_body() -> Iterator[bytes]:

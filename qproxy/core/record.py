@@ -1,0 +1,153 @@
+"""A file's record and its states: what Redis holds about one file, as a plain value.
+
+The record is stored as one hash with one-letter field names (:data:`FIELDS`); encoding and
+decoding live here, so the store (``qproxy/stores/state.py``) only moves bytes and runs the
+compare-and-set scripts. No I/O here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+State = Literal["pending", "local", "queued", "transferring", "remote", "failed", "deleted"]
+STATES: tuple[State, ...] = (
+    "pending",
+    "local",
+    "queued",
+    "transferring",
+    "remote",
+    "failed",
+    "deleted",
+)
+# States in which the only copy is on the origin node's disk.
+LOCAL_STATES = frozenset({"local", "queued", "transferring", "failed"})
+
+# A record's fields are stored under one-letter names, times to the millisecond and the
+# SHA-256 as base64: ~300 bytes of Redis memory per record instead of ~430 (make bench,
+# "state at scale"). Code uses the long names; only this module and the store's Lua
+# scripts see the short ones.
+FIELDS = {
+    "state": "s",
+    "gen": "g",
+    "node": "n",
+    "node_url": "u",
+    "size": "z",
+    "sha256": "h",
+    "filename": "f",
+    "content_type": "t",
+    "created": "c",
+    "updated": "m",
+    "attempts": "a",
+    "error": "e",
+    "lease": "l",
+    "lease_until": "d",
+    "remote_at": "r",
+    "has_local": "L",
+    "has_remote": "R",
+    "version": "v",
+    "hold": "H",
+    "stale": "x",
+    "meta": "M",
+}
+_LONG = {short.encode(): name.encode() for name, short in FIELDS.items()}
+
+
+def timestamp(t: float) -> str:
+    """A time as stored: seconds with milliseconds, rounded down (never later than ``t``:
+    a drop scheduled for now is due now, not half a millisecond from now)."""
+    ms = int(t * 1000)
+    if ms / 1000 > t:  # t * 1000 rounded up in floating point
+        ms -= 1
+    return f"{ms // 1000}.{ms % 1000:03d}"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What Redis knows about one file."""
+
+    key: str
+    state: State
+    gen: int
+    node: str = ""
+    node_url: str = ""
+    size: int = 0
+    sha256: str = ""
+    filename: str = ""
+    content_type: str = "application/octet-stream"
+    created: float = 0.0
+    updated: float = 0.0
+    attempts: int = 0
+    error: str = ""
+    lease: str = ""
+    lease_until: float = 0.0
+    remote_at: float = 0.0
+    has_local: bool = True
+    has_remote: bool = False
+    version: int = 1
+    hold: bool = False  # stored with delayed=True: transferred only when asked
+    stale: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_hash(cls, key: str, raw: Mapping[bytes, bytes]) -> FileRecord:
+        h = {_LONG.get(k, k): v for k, v in raw.items()}
+        get = h.get
+        sha = get(b"sha256", b"")
+        return cls(
+            key=key,
+            state=cast(State, get(b"state", b"pending").decode()),
+            gen=int(get(b"gen", 0)),
+            node=get(b"node", b"").decode(),
+            node_url=get(b"node_url", b"").decode(),
+            size=int(get(b"size", 0) or 0),
+            sha256=base64.urlsafe_b64decode(sha + b"=").hex() if len(sha) == 43 else sha.decode(),
+            filename=get(b"filename", b"").decode("utf-8", "replace"),
+            content_type=get(b"content_type", b"").decode("utf-8", "replace")
+            or "application/octet-stream",
+            created=float(get(b"created", 0) or 0),
+            updated=float(get(b"updated", 0) or 0),
+            attempts=int(get(b"attempts", 0) or 0),
+            error=get(b"error", b"").decode("utf-8", "replace"),
+            lease=get(b"lease", b"").decode(),
+            lease_until=float(get(b"lease_until", 0) or 0),
+            remote_at=float(get(b"remote_at", 0) or 0),
+            has_local=get(b"has_local", b"1") == b"1",
+            has_remote=get(b"has_remote", b"0") == b"1",
+            version=int(get(b"version", 1) or 1),
+            hold=get(b"hold", b"0") == b"1",
+            stale=tuple(n for n in get(b"stale", b"").decode().split(",") if n),
+            meta=json.loads(h[b"meta"]) if get(b"meta") else {},
+        )
+
+    @property
+    def object(self) -> str:
+        """This version's S3 object name (before the prefix): each version has its own, so a
+        stale upload of an older version can never overwrite the newest bytes."""
+        return self.key if self.version <= 1 else f"{self.key}~v{self.version}"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out.pop("lease")
+        out["object"] = self.object
+        return out
+
+
+def encode_fields(fields: Mapping[str, Any]) -> list[str]:
+    """Field/value pairs as stored: short names, ``1``/``0`` booleans, JSON metadata,
+    millisecond times and a base64 SHA-256."""
+    out: list[str] = []
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            value = json.dumps(value, separators=(",", ":"))
+        elif isinstance(value, bool):
+            value = "1" if value else "0"
+        elif isinstance(value, float):
+            value = timestamp(value)
+        elif name == "sha256" and isinstance(value, str) and len(value) == 64:
+            value = base64.urlsafe_b64encode(bytes.fromhex(value)).rstrip(b"=").decode()
+        out += [FIELDS.get(name, name), "" if value is None else str(value)]
+    return out

@@ -1,0 +1,2 @@
+"""For development and tests: the local stack (devstack), the demo and its app.
+Nothing in the runtime imports these."""

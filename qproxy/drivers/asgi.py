@@ -1,0 +1,215 @@
+"""ASGI middleware: ``app = UploadMiddleware(app)``.
+
+The same engine as the WSGI middleware (:mod:`qproxy.core.upload` and
+:class:`qproxy.lifecycle.ingest.Intake`); only the I/O differs. Parsing, disk writes and
+commits run in a worker thread, so a large upload never blocks the event loop; the app sees
+the rewritten form once the files are on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qproxy.compose import Stores
+from qproxy.config import Config
+from qproxy.core.upload import (
+    KEY_HEADER,
+    PRIVATE_HEADERS,
+    Answer,
+    Outcome,
+    Settle,
+    UploadRequest,
+    refusal,
+)
+from qproxy.errors import ClientDisconnected, QProxyError
+from qproxy.lifecycle.ingest import Intake, begin
+
+log = logging.getLogger("qproxy")
+
+# Body messages are gathered up to this size before one hop to the worker thread.
+FEED_SIZE = 1024 * 1024
+_KEY = KEY_HEADER.lower().encode()
+_PRIVATE = frozenset(name.encode() for name in PRIVATE_HEADERS)
+_DROP = frozenset({b"content-length", b"transfer-encoding", *_PRIVATE})
+
+
+class UploadMiddleware:
+    """Streams uploads (multipart file parts, raw bodies) to the local store."""
+
+    def __init__(
+        self, app: ASGIApp, config: Config | None = None, *, stores: Stores | None = None
+    ) -> None:
+        self.app = app
+        self.stores = stores or Stores(config)
+        self.config = self.stores.config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw_headers: list[tuple[bytes, bytes]] = list(scope.get("headers", []))
+        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in raw_headers}
+        # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.
+        if any(name in _PRIVATE for name, _ in raw_headers):
+            raw_headers = [(n, v) for n, v in raw_headers if n not in _PRIVATE]
+            scope = {**scope, "headers": raw_headers}
+        request = UploadRequest(
+            method=scope["method"],
+            path=scope["path"],
+            content_type=headers.get("content-type"),
+            content_disposition=headers.get("content-disposition"),
+            content_length=headers.get("content-length"),
+            framed=True,  # an ASGI server delimits the body (more_body)
+            body_file=headers.get("x-qproxy-body-file"),
+            body_token=headers.get("x-qproxy-body-token"),
+        )
+        try:
+            start = functools.partial(begin, self.stores, request)
+            # An offloaded body is hashed and fsynced on taking it: not on the event loop.
+            intake = await anyio.to_thread.run_sync(start) if request.body_file else start()
+        except QProxyError as exc:
+            await _send(refusal(exc), send)
+            return
+        if intake is None:
+            await self.app(scope, receive, send)
+            return
+
+        try:
+            if not intake.offloaded:
+                await self._read_body(receive, intake)
+        except ClientDisconnected:
+            await anyio.to_thread.run_sync(intake.discard)
+            return
+        except QProxyError as exc:
+            await anyio.to_thread.run_sync(intake.discard)
+            log.info("qproxy: upload refused (%s): %s", exc.status, exc.reason)
+            await _send(refusal(exc), send)
+            return
+        except BaseException:
+            await anyio.to_thread.run_sync(intake.discard)
+            raise
+
+        body = intake.body()
+        new_headers = [(n, v) for n, v in raw_headers if n not in _DROP]
+        new_headers.append((b"content-length", str(len(body)).encode()))
+        if intake.raw_key is not None:
+            new_headers.append((_KEY, intake.raw_key.encode()))
+        app_scope = {**scope, "headers": new_headers, "qproxy.uploads": intake.files}
+        await _Response(intake, body, receive, send).run(self.app, app_scope)
+
+    async def _read_body(self, receive: Receive, intake: Intake) -> None:
+        """Feeds the body to the intake in a worker thread, one chunk in flight while the
+        event loop gathers the next (so receiving and hashing/writing use two cores)."""
+        sender, chunks = anyio.create_memory_object_stream[list[bytes]](1)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_feed, chunks, intake)
+                async with sender:
+                    await _gather(receive, sender)
+        except BaseExceptionGroup as group:
+            raise _first_cause(group) from None
+
+
+async def _gather(receive: Receive, sender: MemoryObjectSendStream[list[bytes]]) -> None:
+    """Body messages, handed on in batches of at least FEED_SIZE bytes (not joined: each
+    byte is copied once less)."""
+    batch: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        body = message.get("body", b"")
+        if body:
+            batch.append(body)
+            size += len(body)
+        more = bool(message.get("more_body", False))
+        if size >= FEED_SIZE or (batch and not more):
+            await sender.send(batch)
+            batch, size = [], 0
+        if not more:
+            return
+
+
+async def _feed(chunks: MemoryObjectReceiveStream[list[bytes]], intake: Intake) -> None:
+    async with chunks:
+        async for batch in chunks:
+            await anyio.to_thread.run_sync(_feed_batch, intake, batch)
+    await anyio.to_thread.run_sync(intake.feed, b"")
+
+
+def _feed_batch(intake: Intake, batch: list[bytes]) -> None:
+    for body in batch:
+        intake.feed(body)
+
+
+def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that stopped the body read, not the ones it caused in its partner
+    task (a closed stream, a cancellation)."""
+    knock_on = (
+        anyio.BrokenResourceError,
+        anyio.ClosedResourceError,
+        anyio.get_cancelled_exc_class(),
+    )
+    found = [exc for exc in _leaves(group) if not isinstance(exc, knock_on)]
+    return found[0] if found else group
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+class _Response:
+    """Runs the app on the rewritten body; the core's :class:`Settle` hears of its answer
+    (committed or discarded at ``http.response.start``)."""
+
+    def __init__(self, intake: Intake, body: bytes, receive: Receive, send: Send) -> None:
+        self.intake = intake
+        self.settle = Settle()
+        self.body: bytes | None = body
+        self._receive = receive
+        self._send = send
+
+    async def receive(self) -> Message:
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self._receive()  # after the body: wait for the disconnect
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.settle.started(int(message["status"]))
+            await self._carry_out(self.settle.sending())
+        await self._send(message)
+
+    async def _carry_out(self, outcome: Outcome | None) -> None:
+        if outcome is not None:
+            await anyio.to_thread.run_sync(self.intake.settle, outcome)
+
+    async def run(self, app: ASGIApp, scope: dict[str, Any]) -> None:
+        try:
+            await app(scope, self.receive, self.send)
+        except BaseException:
+            await self._carry_out(self.settle.failed())
+            raise
+        await self._carry_out(self.settle.finished())
+
+
+async def _send(answer: Answer, send: Send) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": answer.status,
+            "headers": [(n.lower().encode(), v.encode()) for n, v in answer.headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": answer.body})

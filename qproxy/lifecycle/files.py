@@ -1,0 +1,113 @@
+"""A committed file's life on a node: commit it, queue its transfer, delete it.
+
+Order matters in :func:`commit`: the file is renamed into place and journalled (fsynced)
+before Redis hears of it, so a Redis outage or crash never loses an accepted file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from qproxy.compose import Stores
+from qproxy.errors import KeyExists, LeaseLost, QProxyError
+from qproxy.stores.local import TempFile
+
+log = logging.getLogger("qproxy")
+
+
+def commit(
+    stores: Stores,
+    temp: TempFile,
+    key: str,
+    fields: dict[str, Any],
+    *,
+    enqueue: bool = True,
+    replace: bool = False,
+) -> None:
+    """Make an accepted file durable, record it and queue its transfer.
+
+    With ``enqueue=False`` the record stays ``local`` until :func:`enqueue` is called.
+    """
+    config = stores.config
+    stores.local.commit(temp, key)
+    record = {
+        "node": config.node_id,
+        "node_url": config.node_url,
+        "size": temp.size,
+        "sha256": temp.sha256,
+        "has_local": True,
+        **fields,
+    }
+    if not enqueue:
+        record["hold"] = True  # the sweep leaves it alone until enqueue() is called
+    stores.local.journal.append({"op": "commit", "key": key, "ts": time.time(), **record})
+    try:
+        gen = stores.state.create(key, "local", record, replace=replace)
+        if enqueue:
+            queue_transfer(stores, key, gen)
+    except (QProxyError, OSError) as exc:
+        # The file is on disk and in the journal; sweep/reconcile finish the job.
+        log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)
+
+
+def queue_transfer(stores: Stores, key: str, gen: int) -> None:
+    """Send the transfer job and move the record from ``local`` to ``queued``."""
+    stores.queue.enqueue_transfer(key, gen)
+    with contextlib.suppress(LeaseLost):  # a worker already picked it up
+        stores.state.transition(key, "queued", gen=gen, from_states=("local",), fields={"hold": ""})
+
+
+def enqueue(stores: Stores, key: str) -> bool:
+    """Queue the transfer of a committed file (again). False if there is nothing to do."""
+    record = stores.state.get(key)
+    if record is None or record.state in ("remote", "deleted", "pending"):
+        return False
+    queue_transfer(stores, key, record.gen)
+    return True
+
+
+def restore(stores: Stores, key: str, entry: dict[str, Any]) -> bool:
+    """Create the record of a file that is on this node's disk and queue its transfer
+    (a journal entry, or what reconcile found on disk). False if it has a record."""
+    fields: dict[str, Any] = {
+        name: entry[name]
+        for name in ("node", "node_url", "size", "sha256", "filename", "content_type", "meta")
+        if name in entry
+    }
+    fields["has_local"] = True
+    if entry.get("hold"):
+        fields["hold"] = True
+    try:
+        gen = stores.state.create(key, "local", fields)
+    except KeyExists:
+        return False  # someone recorded it meanwhile
+    if fields.get("hold"):
+        return True
+    with contextlib.suppress(QProxyError):  # queued by the next sweep instead
+        queue_transfer(stores, key, gen)
+    log.info("restored %s from the journal", key)
+    return True
+
+
+def delete(stores: Stores, key: str) -> bool:
+    """Mark ``key`` deleted at once (the resolver answers 404 from now on) and remove its
+    copies in the background: S3's by a worker, the local one by its node's janitor."""
+    record = stores.state.get(key)
+    if record is None:
+        return stores.local.remove(key) if stores.local.exists(key) else False
+    if record.state == "deleted":
+        return False
+    now = time.time()
+    stores.local.journal.append({"op": "delete", "key": key, "ts": now})
+    gen = stores.state.transition(
+        key,
+        "deleted",
+        gen=record.gen,
+        fields={"lease": "", "lease_until": ""},
+        drop=(record.node, now) if record.has_local else None,
+    )
+    stores.queue.enqueue_delete(key, gen)
+    return True

@@ -1,0 +1,522 @@
+"""The ``qproxy`` command. Every subcommand reads the same ``QPROXY_*`` environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from qproxy import __version__
+from qproxy.config import Config
+from qproxy.errors import QProxyError
+
+EPILOG = """\
+configuration comes from QPROXY_* environment variables (and QPROXY_CONFIG, a TOML file):
+QPROXY_LOCAL_ROOT, QPROXY_REDIS_URL, QPROXY_BROKER_URL, QPROXY_S3_BUCKET,
+QPROXY_S3_ENDPOINT_URL, QPROXY_S3_REGION, QPROXY_S3_PREFIX, QPROXY_PUBLIC_PATH,
+QPROXY_REDIRECT, QPROXY_REMOTE_BASE_URL, QPROXY_SECRET, QPROXY_NODE_ID, QPROXY_NODE_URL,
+QPROXY_KEEP_LOCAL_SECONDS, QPROXY_MAX_UPLOAD_BYTES. See README.md for the full table.
+"""
+
+
+def _config() -> Config:
+    return Config.from_env()
+
+
+def _default_server() -> str:
+    try:
+        import granian  # noqa: F401
+    except ImportError:
+        return "uvicorn"
+    return "granian"
+
+
+def cmd_resolver(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.standalone:
+        os.environ["QPROXY_STANDALONE"] = "1"
+    _config()  # fail here, loudly, rather than in every worker
+    if args.server == "granian":
+        from granian.constants import Interfaces
+        from granian.log import LogLevels
+        from granian.server import Server
+
+        Server(
+            "qproxy.resolver:create_app",
+            factory=True,
+            address=args.host,
+            port=args.port,
+            interface=Interfaces.ASGI,
+            workers=args.workers,
+            websockets=False,
+            log_level=LogLevels(args.log_level),
+            log_access=args.access_log,
+        ).serve()
+        return 0
+    import uvicorn
+
+    uvicorn.run(
+        "qproxy.resolver:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        proxy_headers=False,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.worker.app import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_worker(_config(), extra)
+    return 0
+
+
+def _fmt_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else "-"
+
+
+def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.compose import Stores
+    from qproxy.keys import validate_key
+
+    key = validate_key(args.key)
+    record = Stores(_config()).state.get(key)
+    if record is None:
+        if args.json:
+            print(json.dumps({"key": key, "state": None, "error": "not found"}))
+        else:
+            print(f"qproxy: no record for {key}", file=sys.stderr)
+        return 1
+    data = record.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    for name in (
+        "key",
+        "state",
+        "size",
+        "sha256",
+        "filename",
+        "content_type",
+        "node",
+        "attempts",
+        "error",
+    ):
+        if data[name] not in ("", None):
+            print(f"{name:13} {data[name]}")
+    for name in ("created", "updated", "remote_at"):
+        if data[name]:
+            print(f"{name:13} {_fmt_time(data[name])}")
+    print(f"{'local copy':13} {'yes' if record.has_local else 'no'}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.compose import Stores
+    from qproxy.core.record import STATES
+
+    node = Stores(_config())
+    states = [args.state] if args.state else list(STATES)
+    rows = []
+    for state in states:
+        for key in node.state.keys_in_state(state, limit=args.limit):
+            record = node.state.get(key)
+            if record is not None:
+                rows.append(record.as_dict())
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        for row in rows:
+            print(f"{row['state']:12} {row['size']:>12} {row['key']}")
+    return 0
+
+
+def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.compose import Stores
+    from qproxy.core.multipart import clean_content_type, clean_filename
+    from qproxy.keys import generate_key, validate_key
+    from qproxy.lifecycle.files import commit
+
+    node = Stores(_config())
+    filename = clean_filename(os.path.basename(args.file))
+    key = validate_key(args.key) if args.key else generate_key(filename)
+    node.local.ensure()
+    temp = node.local.create_temp()
+    try:
+        with open(args.file, "rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                temp.write(chunk)
+        temp.close()
+    except BaseException:
+        temp.discard()
+        raise
+    fields = {"filename": filename, "content_type": clean_content_type(None, filename)}
+    # With --key an existing file is replaced: a new version, served from now on.
+    commit(node, temp, key, fields, replace=bool(args.key))
+    print(key)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.compose import Stores
+    from qproxy.worker.sweep import sweep
+
+    report = sweep(
+        Stores(_config()),
+        stuck_after=args.stuck_after,
+        pending_max_age=args.pending_max_age,
+        cluster=not args.node_only,
+    )
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        for name, value in report.as_dict().items():
+            print(f"{name.replace('_', ' '):18} {value}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.compose import Stores
+    from qproxy.worker.sweep import retry_failed
+
+    if not args.all_failed and not args.keys:
+        print("qproxy retry: give KEY... or --all-failed", file=sys.stderr)
+        return 2
+    done = retry_failed(Stores(_config()), None if args.all_failed else args.keys)
+    for key in done:
+        print(f"queued {key}")
+    if args.keys and len(done) < len(args.keys):
+        missing = sorted(set(args.keys) - set(done))
+        print(f"qproxy retry: not failed (nothing to do): {' '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.compose import Stores
+    from qproxy.keys import validate_key
+    from qproxy.lifecycle.files import delete
+
+    if not delete(Stores(_config()), validate_key(args.key)):
+        print(f"qproxy: nothing to delete for {args.key}", file=sys.stderr)
+        return 1
+    print(f"deleted {args.key} (copies are removed in the background)")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.compose import Stores
+    from qproxy.worker.reconcile import reconcile
+
+    report = reconcile(Stores(_config()))
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        print(f"restored from S3       {report.from_s3}")
+        print(f"restored from journal  {report.from_journal}")
+        print(f"restored from disk     {report.from_disk}")
+        print(f"already known          {report.already_known}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.ops.doctor import Check, run_checks
+
+    try:
+        config = _config()
+    except QProxyError as exc:
+        checks = [Check("config", "fail", str(exc))]
+    else:
+        checks = [Check("config", "ok", f"node {config.node_id}"), *run_checks(config)]
+    if args.json:
+        print(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        for check in checks:
+            print(f"{check.level.upper():5} {check.name:18} {check.detail}")
+    return 1 if any(c.level == "fail" for c in checks) else 0
+
+
+def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.ops.nginx import NginxOptions, full_config, server_block
+
+    config = _config()
+    options = NginxOptions(
+        listen=args.listen,
+        app=args.app,
+        resolver=args.resolver,
+        mode=args.mode,
+        micro_cache=args.micro_cache,
+        micro_cache_listen=args.micro_cache_listen,
+        micro_cache_path=args.micro_cache_path or NginxOptions.micro_cache_path,
+        offload=args.offload,
+    )
+    print(full_config(config, options) if args.full else server_block(config, options), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.dev.demo import run_demo
+
+    use_nginx = False if args.no_nginx else None
+    return run_demo(once=args.once, use_nginx=use_nginx, mode=args.mode, app=args.app)
+
+
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def _parse_resolver(add: AddCommand) -> None:
+    p = add("resolver", "run the resolver (the Starlette app nginx asks where each file is)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8300, help="port to listen on (default: 8300)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.add_argument(
+        "--server",
+        choices=["granian", "uvicorn"],
+        default=_default_server(),
+        help="the ASGI server (default: granian when installed: measured ~1.2x uvicorn's "
+        "requests per second here, see make bench)",
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help="without nginx: send local files itself under QPROXY_PUBLIC_PATH",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_resolver)
+
+
+def _parse_worker(add: AddCommand) -> None:
+    p = add(
+        "worker",
+        "run a Celery worker that moves files to S3",
+        "Run a Celery worker on qproxy's queue. Arguments qproxy does not know are passed to "
+        "Celery's worker, e.g. `qproxy worker --concurrency 8`.",
+    )
+    p.set_defaults(func=cmd_worker, passthrough=True)
+
+
+def _parse_status(add: AddCommand) -> None:
+    p = add("status", "show one file's record (its state among the fields)")
+    p.add_argument("key", help="the file's key")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=cmd_status)
+
+
+def _parse_ls(add: AddCommand) -> None:
+    p = add("ls", "list files by state")
+    p.add_argument(
+        "--state",
+        choices=["pending", "local", "queued", "transferring", "remote", "failed", "deleted"],
+    )
+    p.add_argument(
+        "--limit", type=int, default=1000, help="at most this many per state (default: 1000)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+
+def _parse_put(add: AddCommand) -> None:
+    p = add("put", "store a local file as an upload would (prints its key)")
+    p.add_argument("file", help="path of the file to store")
+    p.add_argument(
+        "--key", help="use this key instead of a generated one (replaces a file stored under it)"
+    )
+    p.set_defaults(func=cmd_put)
+
+
+def _parse_sweep(add: AddCommand) -> None:
+    p = add(
+        "sweep",
+        "finish what crashes left half done",
+        "Replay this node's journal into Redis, drop local copies that are safely in S3, "
+        "remove temp files of requests that died; then (unless --node-only) queue again "
+        "transfers stuck in local/queued or past their lease, and abort stale S3 multipart "
+        "uploads. The resolver runs this on its own every few seconds.",
+    )
+    p.add_argument(
+        "--stuck-after", type=float, help="seconds without progress (default: QPROXY_STUCK_SECONDS)"
+    )
+    p.add_argument(
+        "--pending-max-age", type=float, help="seconds (default: QPROXY_PENDING_MAX_AGE)"
+    )
+    p.add_argument("--node-only", action="store_true", help="only this node's part")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
+def _parse_retry(add: AddCommand) -> None:
+    p = add("retry", "queue failed transfers again")
+    p.add_argument("keys", nargs="*", metavar="KEY")
+    p.add_argument("--all-failed", action="store_true", help="every record in state failed")
+    p.set_defaults(func=cmd_retry)
+
+
+def _parse_delete(add: AddCommand) -> None:
+    p = add("delete", "delete a file: 404 at once, every copy removed in the background")
+    p.add_argument("key", help="the file's key")
+    p.set_defaults(func=cmd_delete)
+
+
+def _parse_reconcile(add: AddCommand) -> None:
+    p = add(
+        "reconcile",
+        "rebuild records after Redis lost them",
+        "Rebuild every record from an S3 listing, this node's journal and its disk (run it "
+        "on each web node), e.g. after FLUSHALL or on a new empty Redis.",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reconcile)
+
+
+def _parse_doctor(add: AddCommand) -> None:
+    p = add(
+        "doctor",
+        "check this node's setup (config, disk, Redis, S3, workers, nginx)",
+        "Check what this node needs, the way it will be used: writes and removes a probe file "
+        "in the local root and a probe object in S3, asks Redis for its durability settings "
+        "and Celery for its workers. Exit status 1 if anything failed.",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+
+def _parse_nginx_config(add: AddCommand) -> None:
+    p = add(
+        "nginx-config",
+        "print nginx configuration for this node",
+        "Print the upstream and server blocks for this node (include them in nginx's http "
+        "block), or with --full a complete nginx.conf that runs as `nginx -p DIR -c FILE`.",
+    )
+    p.add_argument("--full", action="store_true", help="a complete, standalone nginx.conf")
+    p.add_argument(
+        "--mode",
+        choices=["x-accel", "auth_request"],
+        default="x-accel",
+        help="how nginx asks the resolver (default: x-accel)",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        help="HOST:PORT nginx listens on (default: 127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--app",
+        default="http://127.0.0.1:8000",
+        help="URL of the app (default: http://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--resolver",
+        default="http://127.0.0.1:8300",
+        help="URL of the resolver (default: http://127.0.0.1:8300)",
+    )
+    p.add_argument(
+        "--micro-cache",
+        action="store_true",
+        help="let nginx reuse the resolver's answers briefly (1 s for a local file, never a "
+        "404): hot files cost no Redis lookup. A deleted file may be served for up to 1 s more.",
+    )
+    p.add_argument(
+        "--micro-cache-listen",
+        default="127.0.0.1:8301",
+        help="where the caching hop of x-accel mode listens: loopback HOST:PORT, or "
+        "unix:/ABSOLUTE/PATH (a socket nginx creates; ~10%% more hot requests per second) "
+        "(default: 127.0.0.1:8301)",
+    )
+    p.add_argument(
+        "--micro-cache-path",
+        default="",
+        help="folder for the cached answers (default: /var/cache/nginx/qproxy; with --full, "
+        "qproxy_decisions under nginx's prefix)",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="on QPROXY_RAW_UPLOAD_PATHS let nginx write the body to disk itself and hand "
+        "qproxy the file (hashed and renamed into the store, not copied); the app must run "
+        "as nginx's worker user or root",
+    )
+    p.set_defaults(func=cmd_nginx_config)
+
+
+def _parse_demo(add: AddCommand) -> None:
+    p = add("demo", "start the whole stack locally and show a file going local -> remote")
+    p.add_argument("--once", action="store_true", help="do one round trip and exit (0 on success)")
+    p.add_argument("--no-nginx", action="store_true", help="use the resolver's standalone mode")
+    p.add_argument("--mode", choices=["x-accel", "auth_request"], default="x-accel")
+    p.add_argument(
+        "--app",
+        default="qproxy.dev.demo:make_app",
+        help="MODULE:ATTR of the app to run instead of the demo app (WSGI or ASGI; it must "
+        "answer POST /upload with JSON {'keys': [...]}), e.g. examples.flask_app:app",
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+COMMANDS: tuple[Callable[[AddCommand], None], ...] = (
+    _parse_resolver,
+    _parse_worker,
+    _parse_status,
+    _parse_ls,
+    _parse_put,
+    _parse_sweep,
+    _parse_retry,
+    _parse_delete,
+    _parse_reconcile,
+    _parse_doctor,
+    _parse_nginx_config,
+    _parse_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qproxy",
+        description="Accept big uploads at local-disk speed, move them to S3 in the background, "
+        "serve them from wherever they are.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description or help,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    for command in COMMANDS:
+        command(add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args, extra))
+    except QProxyError as exc:
+        print(f"qproxy: {exc.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

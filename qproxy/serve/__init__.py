@@ -1,0 +1,1 @@
+"""Serving files: the resolver nginx asks where each file is (``qproxy.resolver``)."""

@@ -1,0 +1,176 @@
+"""The worker process: qproxy's Celery app, its tasks, and ``qproxy worker``.
+
+The tasks are thin: each builds nothing, takes this process's :class:`Stores` and calls the
+plain function that does the work (:mod:`qproxy.worker.transfer`, :mod:`qproxy.worker.sweep`).
+Web nodes never import this module; they send jobs through :mod:`qproxy.stores.queue`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib.metadata import version
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from celery.exceptions import Reject, Retry
+
+from qproxy.compose import Stores
+from qproxy.config import Config
+from qproxy.errors import QProxyError, StateUnavailable, TransferRetry
+from qproxy.stores.queue import DELETE, QUEUE, SWEEP, TRANSFER, celery_app
+from qproxy.worker.sweep import sweep
+from qproxy.worker.transfer import backoff, purge, transfer
+
+log = logging.getLogger("qproxy.tasks")
+
+
+def harden_kombu() -> bool:
+    """Keep a Celery worker alive through a Redis restart (kombu 5.x only).
+
+    kombu's Redis transport (5.x) raises ``AttributeError: 'NoneType' object has no
+    attribute 'hostname'`` when it acks, rejects or restores messages on a connection that
+    already went away; raised inside Celery's reconnect path, it leaves the consumer wedged
+    for good (seen in the fault suite, Redis SIGKILLed). Swallowing exactly that (and the
+    connection errors beside it) is safe here: the message stays in kombu's unacked set and
+    comes back after the visibility timeout, and every qproxy task is idempotent and fenced.
+
+    Returns whether the guard is in place. Other kombu versions are left alone: the patch
+    names methods of 5.x's ``QoS``.
+    """
+    kombu_version = version("kombu")
+    if kombu_version.split(".")[0] != "5":
+        log.warning(
+            "kombu %s: the Redis reconnect guard is for kombu 5.x, not applied", kombu_version
+        )
+        return False
+    from kombu.transport import redis as kombu_redis
+
+    qos: Any = kombu_redis.QoS
+    if getattr(qos, "_qproxy_hardened", False):
+        return True
+
+    def gone(exc: BaseException) -> bool:
+        if isinstance(exc, AttributeError):
+            return exc.obj is None  # an attribute of the connection that is gone
+        return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
+
+    def guard(name: str) -> None:
+        original = getattr(qos, name)
+
+        def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(self, *args, **kwargs)
+            except (AttributeError, redis.RedisError, OSError) as exc:
+                if not gone(exc):
+                    raise
+                log.warning("broker connection gone during %s (left for redelivery): %s", name, exc)
+                return None
+
+        setattr(qos, name, guarded)
+
+    for name in ("ack", "reject", "restore_unacked"):
+        guard(name)
+    qos._qproxy_hardened = True
+    return True
+
+
+def make_celery(config: Config) -> Celery:
+    """The Celery app with qproxy's tasks (the worker's side of the queue)."""
+    app = celery_app(config)
+    app.task(name=TRANSFER, bind=True, acks_late=True, max_retries=None)(_transfer_task)
+    app.task(name=DELETE, bind=True, acks_late=True, max_retries=None)(_delete_task)
+    app.task(name=SWEEP)(_sweep_task)
+    # `qproxy worker -B` (Celery's embedded beat) sweeps the cluster periodically.
+    app.conf.beat_schedule = {
+        "qproxy-sweep": {
+            "task": SWEEP,
+            "schedule": config.sweep_interval,
+            "options": {"queue": QUEUE},
+        }
+    }
+    return app
+
+
+_stores: Stores | None = None
+
+
+def worker_stores() -> Stores:
+    """This worker process's stores (built from the environment on first use)."""
+    global _stores
+    if _stores is None:
+        _stores = Stores(Config.from_env())
+    return _stores
+
+
+def _transfer_task(task: Task[Any, Any], key: str, gen: int = 0) -> str:
+    stores = worker_stores()
+    retries = int(task.request.retries or 0)
+    try:
+        return transfer(stores, key, attempts_left=stores.config.transfer_retries - retries)
+    except TransferRetry:
+        return _retry_later(task, stores, retries)
+    except StateUnavailable:
+        # Redis (the broker too, usually) is down: asking Celery to retry would publish to
+        # it, and kombu can wedge the consumer when that fails. The record is untouched
+        # (queued), so the sweep queues it again once Redis is back.
+        log.warning("transfer %s: Redis unavailable, left for the sweep", key)
+        return "redis-down"
+
+
+def _retry_later(task: Task[Any, Any], stores: Stores, retries: int) -> str:
+    try:
+        raise task.retry(countdown=backoff(stores.config, retries), max_retries=None)
+    except Retry:
+        raise  # queued: Celery acknowledges this run
+    except (Reject, Exception) as exc:
+        # Publishing the retry failed (Celery turns that into a Reject, and kombu rejecting
+        # on a dead connection can wedge the consumer): the sweep takes over instead.
+        log.warning("retry could not be queued (%s); left for the sweep", exc)
+        return "retry-later"
+
+
+def _delete_task(task: Task[Any, Any], key: str, gen: int = 0) -> str:
+    stores = worker_stores()
+    try:
+        return purge(stores, key)
+    except StateUnavailable:
+        log.warning("delete %s: Redis unavailable, left for the sweep", key)
+        return "redis-down"
+    except QProxyError:
+        return _retry_later(task, stores, int(task.request.retries or 0))
+
+
+def _sweep_task() -> dict[str, int]:
+    stores = worker_stores()
+    if not stores.state.try_lock("sweep", stores.config.sweep_interval):
+        return {}
+    return sweep(stores, local=False).as_dict()
+
+
+def run_worker(config: Config, argv: list[str]) -> None:
+    """``qproxy worker``: a Celery worker on qproxy's queue."""
+    global _stores
+    _stores = Stores(config)
+    harden_kombu()
+    app = make_celery(config)
+    args = ["worker", "--queues", QUEUE, "--loglevel", "INFO", *argv]
+    import click
+
+    try:
+        app.worker_main(args)
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        # Celery's own usage errors: one line, like every qproxy error.
+        print(f"qproxy worker: {exc.format_message()}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A qproxy.worker.app worker`` looks for ``app``; build it from the environment.
+    if name in ("app", "celery"):
+        harden_kombu()
+        return make_celery(Config.from_env())
+    raise AttributeError(name)

@@ -1,0 +1,219 @@
+"""Finishing what crashes left half done, at a cost that follows what is stuck.
+
+``sweep`` has a node part (replay this node's journal into Redis, drop local copies that are
+safely in S3, remove temp files of requests that died) and a cluster part (queue again what
+sits in ``local``/``queued`` too long or in ``transferring`` past its lease, abort stale S3
+multipart uploads). Every resolver runs the node part as its janitor; the cluster part runs
+on one node at a time (a Redis lock), or in the worker (``qproxy worker -B``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from qproxy.compose import Stores
+from qproxy.core.record import FileRecord
+from qproxy.errors import LeaseLost, QProxyError
+from qproxy.keys import validate_key
+from qproxy.lifecycle.files import restore
+
+log = logging.getLogger("qproxy.sweep")
+
+JOURNAL_SETTLE_SECONDS = 5.0  # a commit this recent may still be on its way to Redis
+JOURNAL_BATCH = 5000
+
+
+@dataclass
+class SweepReport:
+    replayed: int = 0
+    dropped: int = 0
+    pending_removed: int = 0
+    requeued: int = 0
+    multipart_aborted: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def sweep(
+    stores: Stores,
+    *,
+    now: float | None = None,
+    stuck_after: float | None = None,
+    pending_max_age: float | None = None,
+    cluster: bool = True,
+    local: bool = True,
+) -> SweepReport:
+    report = SweepReport()
+    now = time.time() if now is None else now
+    if local:
+        report.replayed = replay_journal(stores, now=now)
+        report.dropped = drop_local_copies(stores, now=now)
+        report.pending_removed = remove_dead_pending(
+            stores,
+            max_age=stores.config.pending_max_age if pending_max_age is None else pending_max_age,
+            now=now,
+        )
+    if cluster:
+        stuck = stores.config.stuck_seconds if stuck_after is None else stuck_after
+        report.requeued = requeue_stuck(stores, older_than=now - stuck, now=now)
+        report.multipart_aborted = abort_stale_multipart(stores, now=now)
+    return report
+
+
+def replay_journal(stores: Stores, *, now: float | None = None) -> int:
+    """Give Redis the commits it missed (it was down, or lost them): record and queue them.
+
+    Reads only what was appended since the last replay (an offset kept beside the journal).
+    """
+    journal = stores.local.journal
+    offset_path = journal.path.with_suffix(".offset")
+    try:
+        offset = int(offset_path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        offset = 0
+    now = time.time() if now is None else now
+    entries: list[tuple[int, dict[str, Any]]] = []
+    try:
+        with open(journal.path, "rb") as fh:
+            fh.seek(offset)
+            position = offset
+            for line in fh:
+                if not line.endswith(b"\n") or len(entries) >= JOURNAL_BATCH:
+                    break
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    position += len(line)
+                    continue
+                if entry.get("ts", 0) > now - JOURNAL_SETTLE_SECONDS:
+                    break
+                position += len(line)
+                entries.append((position, entry))
+    except FileNotFoundError:
+        return 0
+    commits = [e for _, e in entries if e.get("op") == "commit" and e.get("key")]
+    deleted = {e["key"] for _, e in entries if e.get("op") == "delete"}
+    replayed = 0
+    if commits:
+        present = stores.state.exists_many([e["key"] for e in commits])
+        for entry, has_record in zip(commits, present, strict=True):
+            key = entry["key"]
+            if has_record or key in deleted or not stores.local.exists(key):
+                continue
+            if restore(stores, key, entry):
+                replayed += 1
+    if entries:
+        offset_path.write_text(str(entries[-1][0]))
+    return replayed
+
+
+def remove_dead_pending(stores: Stores, *, max_age: float, now: float) -> int:
+    """Temp files nobody has written to for ``max_age``: their requests died."""
+    removed = 0
+    for path in stores.local.pending_files():
+        try:
+            if path.stat().st_mtime < now - max_age:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def requeue_stuck(stores: Stores, *, older_than: float, now: float, limit: int = 1000) -> int:
+    state = stores.state
+    requeued = 0
+    for name in ("local", "queued", "transferring"):
+        for key in state.keys_in_state(name, older_than=older_than, limit=limit):
+            record = state.get(key)
+            if record is None or record.state != name:
+                continue
+            if name == "transferring" and record.lease_until > now:
+                continue  # a live run owns it
+            if record.hold:
+                continue  # delayed on purpose (QueuedStorage(delayed=True))
+            if requeue(stores, record):
+                requeued += 1
+    # Deletes whose job was lost: send it again (purging twice is harmless).
+    for key in state.keys_in_state("deleted", older_than=older_than, limit=limit):
+        record = state.get(key)
+        if record is not None and record.state == "deleted":
+            with contextlib.suppress(LeaseLost):
+                gen = state.transition(key, "deleted", gen=record.gen, from_states=("deleted",))
+                stores.queue.enqueue_delete(key, gen)
+                requeued += 1
+    return requeued
+
+
+def requeue(stores: Stores, record: FileRecord) -> bool:
+    """Queue the transfer again, touching the record so the next sweep leaves it alone."""
+    try:
+        gen = stores.state.transition(
+            record.key,
+            "queued",
+            gen=record.gen,
+            from_states=("local", "queued", "transferring", "failed"),
+            fields={"lease": "", "lease_until": ""},
+        )
+    except LeaseLost:
+        return False
+    stores.queue.enqueue_transfer(record.key, gen)
+    return True
+
+
+def retry_failed(stores: Stores, keys: list[str] | None = None) -> list[str]:
+    """``qproxy retry``: queue failed transfers again (all of them without ``keys``)."""
+    state = stores.state
+    targets = keys if keys is not None else state.keys_in_state("failed", limit=100_000)
+    done = []
+    for key in targets:
+        record = state.get(validate_key(key))
+        if record is not None and record.state == "failed" and requeue(stores, record):
+            done.append(key)
+    return done
+
+
+def abort_stale_multipart(stores: Stores, *, now: float) -> int:
+    """Multipart uploads a killed worker left behind (S3 bills their parts)."""
+    aborted = 0
+    try:
+        uploads = stores.remote.partial_uploads()
+    except QProxyError as exc:  # S3 down: next time
+        log.warning("sweep: cannot list multipart uploads: %s", exc)
+        return 0
+    for upload in uploads:
+        if upload.started < now - stores.config.multipart_max_age:
+            with contextlib.suppress(QProxyError):
+                stores.remote.abort(upload)
+                aborted += 1
+    return aborted
+
+
+def drop_local_copies(stores: Stores, *, now: float | None = None, limit: int = 500) -> int:
+    """The janitor: remove local copies whose S3 copy is verified and whose keep period is over.
+
+    Looks only at this node's drop schedule, so its cost follows what is due, not all files.
+    Returns how many files it removed.
+    """
+    state = stores.state
+    removed = 0
+    for key in state.due_drops(stores.config.node_id, now=now, limit=limit):
+        record = state.get(key)
+        if record is not None and record.state not in ("remote", "deleted"):
+            # Re-uploaded under the same key since: the new local file is the only copy.
+            state.drop_done(stores.config.node_id, key, None)
+            continue
+        try:
+            if stores.local.remove(key):
+                removed += 1
+        except (OSError, QProxyError) as exc:
+            log.warning("qproxy janitor: cannot remove %s: %s", key, exc)
+            continue
+        state.drop_done(stores.config.node_id, key, record)
+    return removed

@@ -1,0 +1,227 @@
+"""Moving one file to S3, and removing a deleted one: the work behind the Celery tasks.
+
+Celery on a Redis broker redelivers a task whose worker has not acknowledged it after the
+visibility timeout, so a long transfer can run twice at once. Every run is therefore fenced:
+it takes a lease on the record, and each state change is a compare-and-set on the
+generation and that lease (see :mod:`qproxy.stores.state`). These functions know nothing of
+Celery: :mod:`qproxy.worker.app` wraps them in tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import httpx
+
+from qproxy.compose import Stores
+from qproxy.config import Config
+from qproxy.core.record import FileRecord
+from qproxy.errors import LeaseLost, QProxyError, RemoteError, TransferRetry
+from qproxy.headers import content_disposition, signed_query
+
+log = logging.getLogger("qproxy.tasks")
+
+
+def backoff(config: Config, retries: int) -> float:
+    """Exponential backoff with full jitter, capped below the visibility timeout."""
+    ceiling = min(config.retry_backoff_max, config.retry_backoff * (2**retries))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
+    """Move ``key`` to S3 and mark it remote. Returns the state the record ends in.
+
+    Idempotent: a record already remote (or deleted, or owned by a live lease) is left alone.
+    Raises :class:`TransferRetry` when this attempt failed and another should follow.
+    """
+    state = stores.state
+    record = state.get(key)
+    now = time.time()
+    if record is None:
+        log.warning("transfer %s: no record, nothing to do", key)
+        return "missing"
+    if record.state == "transferring" and record.lease_until > now:
+        log.info("transfer %s: another run holds the lease, skipping", key)
+        return "transferring"
+    if record.state not in ("local", "queued", "failed", "transferring"):
+        return record.state
+
+    token = uuid.uuid4().hex
+    try:
+        gen = state.transition(
+            key,
+            "transferring",
+            gen=record.gen,
+            fields={
+                "lease": token,
+                "lease_until": now + stores.config.lease_seconds,
+                "attempts": record.attempts + 1,
+            },
+        )
+    except LeaseLost:
+        # The record moved between our read and the lease (a sweep queued it again, a
+        # duplicate run took it): start over from what it is now.
+        if attempts_left <= -3:
+            return "conflict"
+        return transfer(stores, key, attempts_left=attempts_left - 1)
+    try:
+        with _source(stores, record) as fh:
+            stores.remote.store(
+                record.object,
+                fh,
+                size=record.size,
+                sha256=record.sha256,
+                content_type=record.content_type,
+                content_disposition=content_disposition(record.filename),
+            )
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        final = attempts_left <= 1 or isinstance(exc, FileNotFoundError)
+        try:
+            state.transition(
+                key,
+                "failed" if final else "queued",
+                gen=gen,
+                lease=token,
+                fields={"lease": "", "lease_until": "", "error": error},
+            )
+        except LeaseLost as lost:
+            log.warning("transfer %s: lease conflict after failure: %s", key, lost)
+            return "conflict"
+        if final:
+            log.error("transfer %s failed for good: %s", key, error)
+            run_hook(stores, stores.config.on_failed, state.get(key))
+            return "failed"
+        log.warning("transfer %s failed, will retry: %s", key, error)
+        raise TransferRetry(exc) from exc
+
+    keep = max(stores.config.keep_local_seconds, stores.config.drop_grace_seconds)
+    try:
+        state.transition(
+            key,
+            "remote",
+            gen=gen,
+            lease=token,
+            fields={
+                "lease": "",
+                "lease_until": "",
+                "error": "",
+                "remote_at": time.time(),
+                "has_remote": True,
+                # Served from S3 from now on: no node serves it to peers any more.
+                "node_url": "",
+            },
+            drop=(record.node, time.time() + keep),
+        )
+    except LeaseLost as lost:
+        log.warning("transfer %s: lease conflict, not marking remote: %s", key, lost)
+        now_record = state.get(key)
+        if (
+            now_record is None
+            or now_record.state == "deleted"
+            or now_record.version != record.version
+        ):
+            # Deleted or replaced while we uploaded: the object we wrote (this version's own
+            # name) must not outlive it. A duplicate run of the same version leaves it be.
+            stores.remote.delete(record.object)
+        return "conflict"
+    for name in record.stale:
+        # Older versions of the key: safe to remove now that this one is verified in S3.
+        with contextlib.suppress(QProxyError):
+            stores.remote.delete(name)
+    if record.stale:
+        with contextlib.suppress(LeaseLost):
+            remote_record = state.get(key)
+            if remote_record is not None and remote_record.state == "remote":
+                state.transition(
+                    key,
+                    "remote",
+                    gen=remote_record.gen,
+                    from_states=("remote",),
+                    fields={"stale": ""},
+                )
+    log.info("transfer %s: remote (%d bytes, sha256 %s)", key, record.size, record.sha256)
+    if stores.config.on_transferred:  # (no Redis read for a hook nobody set)
+        run_hook(stores, stores.config.on_transferred, state.get(key))
+    return "remote"
+
+
+def run_hook(stores: Stores, path: str, record: FileRecord | None) -> None:
+    """Call the user's hook (a dotted path) with the whole record; never fail the task."""
+    if not path or record is None:
+        return
+    from importlib import import_module
+
+    module, _, name = path.rpartition(".")
+    try:
+        hook = getattr(import_module(module), name)
+        hook({**record.as_dict(), "url": stores.url_for(record.key)})
+    except Exception:
+        log.exception("hook %s failed for %s", path, record.key)
+
+
+def purge(stores: Stores, key: str) -> str:
+    """Remove the S3 copy of a deleted file (and the local one, if it is on this host)."""
+    state = stores.state
+    record = state.get(key)
+    if record is None:
+        return "gone"
+    if record.state != "deleted":
+        return record.state  # uploaded again since: nothing to remove
+    for name in (record.object, *record.stale):
+        stores.remote.delete(name)
+    fields: dict[str, Any] = {"has_remote": False}
+    if record.node == stores.config.node_id and stores.local.exists(key):
+        stores.local.remove(key)
+        fields["has_local"] = False
+    for _ in range(5):
+        try:
+            state.transition(
+                key, "deleted", gen=record.gen, from_states=("deleted",), fields=fields
+            )
+            break
+        except LeaseLost:
+            # The origin's janitor may have marked its copy gone meanwhile (a new
+            # generation of the same deleted record): read it again and retry.
+            again = state.get(key)
+            if again is None:
+                return "gone"
+            if again.state != "deleted" or again.version != record.version:
+                return "conflict"
+            record = again
+    else:
+        return "conflict"
+    state.forget(key)
+    return "deleted"
+
+
+@contextmanager
+def _source(stores: Stores, record: FileRecord) -> Iterator[IO[bytes]]:
+    """The file's bytes: from this host's disk, or pulled from the origin node."""
+    if stores.local.exists(record.key):
+        with stores.local.open(record.key) as fh:
+            yield fh
+        return
+    if record.node == stores.config.node_id or not record.node_url:
+        raise FileNotFoundError(f"local copy of {record.key} is missing on {record.node}")
+    url = f"{record.node_url.rstrip('/')}/internal/blob/{record.key}?{signed_query(stores.config.secret, record.key)}"
+    with tempfile.TemporaryFile(prefix="qproxy-pull-") as spool:
+        with httpx.stream("GET", url, timeout=30) as response:
+            if response.status_code != 200:
+                raise RemoteError(
+                    f"origin {record.node} answered {response.status_code} for {record.key}"
+                )
+            for chunk in response.iter_bytes(1024 * 1024):
+                spool.write(chunk)
+        spool.seek(0)
+        yield spool

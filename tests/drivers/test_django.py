@@ -1,0 +1,220 @@
+"""The Django storage: a real project (SQLite), real worker, Redis, moto and nginx."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from PIL import Image
+
+from qproxy.compose import Stores
+from qproxy.dev.devstack import Stack
+from qproxy.worker.sweep import drop_local_copies
+from tests.conftest import _stack
+
+SETTINGS = "tests.djangoproject.settings"
+
+
+@pytest.fixture(scope="module")
+def django_stack() -> Iterator[Stack]:
+    folder = Path(tempfile.mkdtemp(prefix="qproxy-django-"))
+    env = {
+        "DJANGO_SETTINGS_MODULE": SETTINGS,
+        "QP_DJANGO_DB": str(folder / "db.sqlite3"),
+        "QPROXY_ON_TRANSFERRED": "tests.djangoproject.gallery.hooks.on_transferred",
+    }
+    try:
+        with _stack(app="tests.djangoproject.wsgi:application", **env) as stack:
+            subprocess.run(
+                [sys.executable, "-m", "django", "migrate", "--noinput"],
+                env={**os.environ, **stack.env},
+                check=True,
+                capture_output=True,
+            )
+            yield stack
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 90)).save(out, "PNG")
+    return out.getvalue()
+
+
+def wait(predicate: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def test_create_serve_transfer_delete(django_stack: Stack) -> None:
+    stack = django_stack
+    image = png(64, 48)
+    with httpx.Client(base_url=stack.front, timeout=30) as client:
+        page = client.get("/photos/new")
+        assert page.status_code == 200
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+        assert token
+        created = client.post(
+            "/photos/new",
+            data={"title": "Sunset", "csrfmiddlewaretoken": token.group(1)},
+            files={
+                "image": ("sunset.png", image, "image/png"),
+                "attachment": ("notes.txt", b"hello notes", "text/plain"),
+            },
+        )
+        assert created.status_code == 302, created.text
+        detail_url = created.headers["location"]
+        info = client.get(detail_url).json()
+        assert info["title"] == "Sunset"
+        assert (info["width"], info["height"]) == (64, 48)
+        assert (
+            info["image"].startswith("photos/sunset")
+            and info["image_url"] == "/media/" + info["image"]
+        )
+        assert info["attachment_text"] == "hello notes"  # read back through the storage
+
+        # Served through nginx from wherever the file is (local now or already remote).
+        served = client.get(info["image_url"], follow_redirects=True)
+        assert served.status_code == 200 and served.content == image
+
+        # Transferred by the real worker; the hook marks the model without polling.
+        wait(lambda: client.get(detail_url).json()["image_in_s3"])
+        info = client.get(detail_url).json()
+        assert info["image_remote"] and not info["image_local"]
+        remote = client.get(info["image_url"])
+        assert remote.status_code == 302
+        assert httpx.get(remote.headers["location"]).content == image
+
+        # The attachment's storage is delayed: it stays local until transfer() is called.
+        node = Stores(stack.config)
+        record = node.state.get(info["attachment"])
+        assert record is not None and record.state == "local"
+
+        # Deleted: 404 at once, then every copy and the record go.
+        assert client.post(detail_url.replace(".json", "/delete")).status_code == 204
+        assert client.get(info["image_url"]).status_code == 404
+        s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+        wait(
+            lambda: (
+                s3.list_objects_v2(Bucket="qproxy-dev", Prefix=info["image"]).get("KeyCount") == 0
+            )
+        )
+        wait(lambda: node.state.get(info["image"]) is None)
+        assert not node.local.exists(info["image"])
+        wait(
+            lambda: (
+                not node.local.exists(info["attachment"])
+                and node.state.get(info["attachment"]) is None
+            )
+        )
+
+
+def test_makemigrations_check() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "makemigrations", "--check", "--dry-run"],
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": SETTINGS},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No changes detected" in result.stdout
+
+
+# -- the Storage API, in this process -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def storage_options(stack: Stack) -> dict[str, str]:
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(USE_TZ=True, QPROXY={})
+    import django
+
+    django.setup()
+    return {
+        k.removeprefix("QPROXY_").lower(): v
+        for k, v in stack.env.items()
+        if k.startswith("QPROXY_")
+    }
+
+
+def make_storage(options: dict[str, str], **extra: Any) -> Any:
+    from qproxy.contrib.django import QueuedStorage
+
+    return QueuedStorage(**options, **extra)
+
+
+def test_storage_api(stack: Stack, storage_options: dict[str, str]) -> None:
+    from django.core.files.base import ContentFile
+
+    from qproxy.contrib.django import attach_meta
+
+    storage = make_storage(storage_options)
+    data = os.urandom(70_000)
+    name = storage.save(
+        "reports/R\u00e9sum\u00e9 2026.pdf", attach_meta(ContentFile(data), owner=7)
+    )
+    assert name == "reports/Resume_2026.pdf"
+    assert storage.exists(name) and storage.size(name) == len(data)
+    assert storage.url(name) == "/media/reports/Resume_2026.pdf"
+    with storage.open(name) as fh:
+        assert fh.read() == data
+    # Never the same name twice, locally or remotely.
+    again = storage.save("reports/R\u00e9sum\u00e9 2026.pdf", ContentFile(b"other"))
+    assert again != name and again.startswith("reports/Resume_2026_")
+    # Local now, or already remote if the worker was quick (delayed storage: see below).
+    assert storage.stores.state.get(name).state in ("local", "queued", "transferring", "remote")
+    assert storage.wait_remote(name)
+    node = storage.stores
+    record = node.state.get(name)
+    assert (
+        record is not None
+        and record.meta == {"owner": 7}
+        and record.content_type == "application/pdf"
+    )
+    # The local copy gone, open() streams from S3.
+    drop_local_copies(node, now=time.time() + 3601)
+    assert not node.local.exists(name)
+    with storage.open(name) as fh:
+        assert fh.read() == data
+    assert storage.get_modified_time(name).tzinfo is not None
+    storage.delete(name)
+    assert storage.exists(name)  # a tombstone until every copy is gone: the name stays taken
+    wait(lambda: not storage.exists(name))
+
+
+def test_delayed_storage_transfers_on_demand(storage_options: dict[str, str]) -> None:
+    from django.core.files.base import ContentFile
+
+    storage = make_storage(storage_options, delayed=True)
+    name = storage.save("later.txt", ContentFile(b"later"))
+    time.sleep(1)
+    assert storage.using_local(name) and storage.stores.state.get(name).state == "local"
+    assert storage.transfer(name)
+    assert storage.wait_remote(name)
+    assert not storage.transfer(name)  # nothing left to do
+
+
+def test_deconstruct_for_migrations() -> None:
+    from qproxy.contrib.django import QueuedStorage
+
+    path, args, kwargs = QueuedStorage(delayed=True, s3_prefix="img/").deconstruct()
+    assert path == "qproxy.contrib.django.QueuedStorage"
+    assert args == () and kwargs == {"delayed": True, "s3_prefix": "img/"}

@@ -1,0 +1,122 @@
+"""`qproxy --help` helps, and every subcommand has one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qproxy.dev.devstack import Stack
+
+
+def qproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_top_level_help_lists_commands() -> None:
+    result = qproxy("--help")
+    assert result.returncode == 0
+    for command in (
+        "resolver",
+        "worker",
+        "status",
+        "ls",
+        "put",
+        "sweep",
+        "retry",
+        "delete",
+        "reconcile",
+        "nginx-config",
+        "doctor",
+        "demo",
+    ):
+        assert command in result.stdout
+    assert "QPROXY_S3_BUCKET" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ("resolver", "--standalone"),
+        ("worker", "passed to Celery"),
+        ("status", "--json"),
+        ("ls", "--state"),
+        ("put", "path of the file"),
+        ("nginx-config", "--full"),
+        ("demo", "--once"),
+        ("sweep", "--stuck-after"),
+        ("retry", "--all-failed"),
+        ("delete", "404 at once"),
+        ("reconcile", "FLUSHALL"),
+        ("doctor", "Exit status 1"),
+        ("nginx-config", "--micro-cache"),
+        ("nginx-config", "--offload"),
+    ],
+)
+def test_subcommand_help(command: str, expected: str) -> None:
+    result = qproxy(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+    assert f"usage: qproxy {command}" in result.stdout
+
+
+def test_unknown_arguments_are_refused() -> None:
+    result = qproxy("status", "k", "--bogus")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_bad_configuration_is_one_clear_line() -> None:
+    result = qproxy("status", "a.txt", env={"QPROXY_MAX_UPLOAD_BYTES": "many"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("qproxy: QPROXY_MAX_UPLOAD_BYTES")
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_passes_arguments_to_celery() -> None:
+    result = qproxy("worker", "--no-such-celery-option")
+    assert result.returncode == 2
+    assert "No such option '--no-such-celery-option'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_doctor_on_a_healthy_stack_and_a_broken_one(stack: Stack) -> None:
+    import json
+
+    import redis
+
+    env = stack.env
+    good = qproxy("doctor", "--json", env=env)
+    assert good.returncode == 0, good.stdout + good.stderr
+    levels = {c["name"]: c["level"] for c in json.loads(good.stdout)}
+    for name in ("config", "secret", "local root", "redis", "s3", "workers"):
+        assert levels[name] == "ok", (name, good.stdout)
+
+    broken = qproxy(
+        "doctor", env={**env, "QPROXY_S3_BUCKET": "no-such-bucket", "QPROXY_SECRET": ""}
+    )
+    assert broken.returncode == 1
+    assert "FAIL  s3" in broken.stdout and "no-such-bucket" in broken.stdout
+    assert "FAIL  secret" in broken.stdout
+
+    client = redis.Redis.from_url(env["QPROXY_REDIS_URL"])
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        evicting = qproxy("doctor", env=env)
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+    assert evicting.returncode == 1 and "allkeys-lru" in evicting.stdout
+
+    down = qproxy("doctor", env={**env, "QPROXY_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert down.returncode == 1 and "FAIL  redis" in down.stdout
+    bad = qproxy("doctor", env={**env, "QPROXY_PUBLIC_PATH": "media"})
+    assert bad.returncode == 1 and "FAIL  config" in bad.stdout

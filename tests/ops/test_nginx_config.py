@@ -1,0 +1,136 @@
+"""The nginx configs we ship and generate pass `nginx -t`, as root and as an ordinary user."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qproxy.config import Config
+from qproxy.errors import ConfigError
+from qproxy.ops.nginx import NginxOptions, find_nginx, full_config, server_block
+
+ROOT = Path(__file__).resolve().parents[2]
+NGINX = find_nginx()
+pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+
+CONFIG = Config(local_root="/srv/qproxy files", max_upload_bytes=5 * 1024**3, s3_bucket="b")
+
+
+@pytest.fixture
+def prefix() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="qproxy-nginx-"))
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def nginx_t(
+    conf: Path, prefix: Path, *, user: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    assert NGINX is not None
+    argv = [NGINX, "-t", "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["x-accel", "auth_request"])
+def test_full_config_passes_nginx_t(prefix: Path, mode: str) -> None:
+    conf = prefix / "nginx.conf"
+    conf.write_text(full_config(CONFIG, NginxOptions(mode=mode)))  # type: ignore[arg-type]
+    result = nginx_t(conf, prefix)
+    assert result.returncode == 0, result.stderr
+    text = conf.read_text()
+    assert f"client_max_body_size {5 * 1024**3};" in text
+    assert "proxy_request_buffering off;" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an ordinary user")
+def test_full_config_runs_as_an_ordinary_user(prefix: Path) -> None:
+    conf = prefix / "nginx.conf"
+    conf.write_text(full_config(CONFIG, NginxOptions()))
+    os.chmod(conf, 0o644)
+    result = nginx_t(conf, prefix, user="nobody")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("mode", ["x-accel", "auth_request"])
+def test_server_block_includes_into_http(prefix: Path, mode: str) -> None:
+    block = server_block(CONFIG, NginxOptions(mode=mode, listen="127.0.0.1:9999"))  # type: ignore[arg-type]
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        "pid nginx.pid;\nevents {}\nhttp {\n"
+        "client_body_temp_path cb; proxy_temp_path pt; fastcgi_temp_path ft;\n"
+        "uwsgi_temp_path ut; scgi_temp_path st;\n"
+        f"{block}}}\n"
+    )
+    result = nginx_t(conf, prefix)
+    assert result.returncode == 0, result.stderr
+
+
+def test_shipped_example_passes_nginx_t(prefix: Path) -> None:
+    conf = prefix / "nginx.conf"
+    shutil.copy(ROOT / "nginx.conf.example", conf)
+    result = nginx_t(conf, prefix)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cli_prints_config_with_flags() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qproxy",
+            "nginx-config",
+            "--mode",
+            "auth_request",
+            "--listen",
+            "0.0.0.0:80",
+            "--app",
+            "http://127.0.0.1:9000",
+            "--resolver",
+            "http://127.0.0.1:9100",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "QPROXY_LOCAL_ROOT": "/data/files", "QPROXY_MAX_UPLOAD_BYTES": "1000"},
+    ).stdout
+    assert "listen 0.0.0.0:80;" in out
+    assert "server 127.0.0.1:9000;" in out and "server 127.0.0.1:9100;" in out
+    assert "auth_request /_qp/auth;" in out
+    assert 'root "/data/files";' in out
+    assert "client_max_body_size 1000;" in out
+
+
+def test_cli_rejects_bad_urls() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qproxy", "nginx-config", "--app", "ftp://x"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "--app must look like http://HOST:PORT" in result.stderr
+
+
+def test_micro_cache_hop_address() -> None:
+    def conf(hop: str) -> str:
+        return server_block(
+            CONFIG,
+            NginxOptions(micro_cache=True, micro_cache_listen=hop),
+        )
+
+    out = conf("unix:/run/nginx/qp-hop.sock")
+    assert "listen unix:/run/nginx/qp-hop.sock;" in out
+    assert "server unix:/run/nginx/qp-hop.sock;" in out
+    assert "server 127.0.0.1:8301;" in conf("127.0.0.1:8301")
+    for bad in ("unix:relative.sock", "unix:/a b.sock", "unix:/x;y", "ftp://x:1", "host"):
+        with pytest.raises(ConfigError, match="micro-cache-listen"):
+            conf(bad)

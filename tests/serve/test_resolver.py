@@ -1,0 +1,165 @@
+"""Resolver behaviour beyond the happy path: public mode, peers, signed blobs, Redis down."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from qproxy.compose import Stores
+from qproxy.dev.devstack import Stack, free_port
+from qproxy.headers import signed_query
+from qproxy.keys import generate_key
+from qproxy.worker.sweep import drop_local_copies
+from qproxy.worker.transfer import transfer
+from tests.conftest import NoQueue, put_local
+
+
+@pytest.fixture
+def quiet_node(stack: Stack) -> Stores:
+    return Stores(stack.config, queue=NoQueue())
+
+
+def client_for(stack: Stack, **env: str) -> Iterator[httpx.Client]:
+    """A real resolver process (uvicorn) on the stack, with some settings changed."""
+    port = free_port()
+    name = f"resolver-{port}"
+    argv = [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", str(port)]
+    stack.spawn(name, argv, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        stack.wait_for(name, lambda: httpx.get(url + "/metrics").status_code == 200)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            yield client
+    finally:
+        stack.services.pop(name).stop()
+
+
+def test_public_mode_redirects_to_the_base_url(stack: Stack, quiet_node: Stores) -> None:
+    key = put_local(quiet_node, b"public bytes")
+    assert transfer(quiet_node, key) == "remote"
+    env = {"QPROXY_REDIRECT": "public", "QPROXY_REMOTE_BASE_URL": "https://cdn.example.com/files/"}
+    for client in client_for(stack, **env):
+        r = client.get(f"/resolve/{key}")
+        assert r.status_code == 302
+        assert r.headers["location"] == f"https://cdn.example.com/files/{key}"
+        head = client.head(f"/resolve/{key}")
+        assert head.headers["location"] == f"https://cdn.example.com/files/{key}"
+
+
+def test_keep_local_zero_still_has_a_grace_period(quiet_node: Stores) -> None:
+    node = Stores(quiet_node.config.replace(keep_local_seconds=0), queue=NoQueue())
+    key = put_local(node, b"drop me soon")
+    assert transfer(node, key) == "remote"
+    # In-flight reads of the local copy get drop_grace_seconds (5 s) to finish.
+    drop_local_copies(node)
+    assert node.local.exists(key)
+    drop_local_copies(node, now=time.time() + node.config.drop_grace_seconds + 1)
+    assert not node.local.exists(key)
+
+
+def test_redis_down_serves_local_files_then_s3(stack: Stack, quiet_node: Stores) -> None:
+    local_key = put_local(quiet_node, b"on disk")
+    remote_key = put_local(quiet_node, b"in s3")
+    assert transfer(quiet_node, remote_key) == "remote"
+    quiet_node.local.remove(remote_key)
+    for client in client_for(stack, QPROXY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"):
+        r = client.get(f"/resolve/{local_key}")
+        assert r.status_code == 200
+        assert r.headers["x-accel-redirect"] == f"/_qp/local/{local_key}"
+        r = client.get(f"/resolve/{remote_key}")
+        assert r.status_code == 302
+        assert httpx.get(r.headers["location"]).content == b"in s3"
+        assert client.get("/resolve/2026/01/01/none.txt").status_code == 404
+        assert client.get("/healthz").status_code == 503
+
+
+def test_blob_urls_are_signed_and_expire(stack: Stack, quiet_node: Stores) -> None:
+    key = put_local(quiet_node, b"peer bytes")
+    secret = quiet_node.config.secret
+    for client in client_for(stack):
+        good = client.get(f"/internal/blob/{key}?{signed_query(secret, key)}")
+        assert good.status_code == 200 and good.content == b"peer bytes"
+        other = generate_key("x.txt")
+        assert client.get(f"/internal/blob/{key}?{signed_query(secret, other)}").status_code == 403
+        assert client.get(f"/internal/blob/{key}?{signed_query('wrong', key)}").status_code == 403
+        assert (
+            client.get(f"/internal/blob/{key}?{signed_query(secret, key, ttl=-5)}").status_code
+            == 403
+        )
+        assert client.get(f"/internal/blob/{key}").status_code == 403
+        assert client.get("/internal/blob/..%2Fx?exp=1&sig=x").status_code == 404
+
+
+def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> None:
+    stack = any_stack
+    quiet_node = Stores(stack.config, queue=NoQueue())
+    # A second node: its own disk and resolver; its record points at it.
+    other_root = Path(stack.dir) / "node2-files"
+    port = free_port()
+    node2 = Stores(
+        quiet_node.config.replace(
+            local_root=str(other_root), node_id="node-2", node_url=f"http://127.0.0.1:{port}"
+        ),
+        queue=NoQueue(),
+    )
+    key = put_local(node2, b"bytes living on node 2")
+    stack.spawn(
+        "resolver-node2",
+        [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", str(port)],
+        env={
+            "QPROXY_LOCAL_ROOT": str(other_root),
+            "QPROXY_NODE_ID": "node-2",
+            "QPROXY_NODE_URL": f"http://127.0.0.1:{port}",
+        },
+    )
+    try:
+        stack.wait_for(
+            "resolver-node2",
+            lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200,
+        )
+        # Node 1's resolver says "peer"; node 1's nginx proxies from node 2's blob endpoint.
+        if stack.mode == "x-accel":
+            decision = httpx.get(f"{stack.url('resolver')}/resolve/{key}")
+            target = decision.headers["x-accel-redirect"]
+        else:
+            original = {"X-Original-URI": f"/media/{key}"}
+            target = httpx.get(f"{stack.url('resolver')}/auth", headers=original).headers[
+                "x-qp-peer"
+            ]
+        assert target.startswith(f"/_qp/peer/127.0.0.1:{port}/{key}?")
+        assert "sig" in parse_qs(urlsplit(target).query)
+        served = httpx.get(f"{stack.files_url}/media/{key}")
+        assert served.status_code == 200
+        assert served.content == b"bytes living on node 2"
+        assert served.headers["x-qproxy-source"] == "peer"
+        # A worker on node 1 pulls the file from node 2 over HTTP to move it to S3.
+        assert not quiet_node.local.exists(key)
+        assert transfer(quiet_node, key) == "remote"
+        assert httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True).content == (
+            b"bytes living on node 2"
+        )
+    finally:
+        stack.services.pop("resolver-node2").stop()
+
+
+def test_public_path_at_the_root_leaves_the_service_routes_alone(
+    stack: Stack, quiet_node: Stores
+) -> None:
+    key = put_local(quiet_node, b"root public path")
+    for standalone in ("0", "1"):
+        for client in client_for(stack, QPROXY_PUBLIC_PATH="/", QPROXY_STANDALONE=standalone):
+            assert client.get("/healthz").json()["redis"] is True
+            assert "qproxy_resolve_total" in client.get("/metrics").text
+            assert client.get(f"/status/{key}").json()["key"] == key
+            r = client.get(f"/{key}")
+            assert r.status_code == 200
+            if standalone == "1":
+                assert r.content == b"root public path"
+            else:
+                assert r.headers["x-accel-redirect"] == f"/_qp/local/{key}"

@@ -1,0 +1,168 @@
+"""The resolver's pipelined Redis reader against a real redis-server: answers in order under
+concurrency, a frozen Redis fails within the timeout, a restarted one is reconnected."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from qproxy.dev.devstack import Stack, find_redis, free_port
+from qproxy.errors import StateUnavailable
+from qproxy.stores.resp import PipelinedRedis
+from qproxy.stores.state import AsyncStateReader
+
+
+def _start(port: int) -> subprocess.Popen[bytes]:
+    redis_server = find_redis()
+    assert redis_server, "redis-server is not installed"
+    proc = subprocess.Popen(
+        [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with redis.Redis(port=port) as client:
+                client.ping()
+            return proc
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
+    port = free_port()
+    procs = [_start(port)]
+    yield port, procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+
+def test_concurrent_answers_reach_their_callers(server: tuple[int, list[object]]) -> None:
+    port, _ = server
+    client = redis.Redis(port=port)
+    for i in range(200):
+        client.hset(f"qp:f:k{i}", mapping={"state": "local", "gen": str(i), "size": str(i * 7)})
+
+    async def main() -> None:
+        reader = AsyncStateReader(f"redis://127.0.0.1:{port}/0")
+        records = await asyncio.gather(*(reader.get(f"k{i % 250}") for i in range(1000)))
+        for i, record in enumerate(records):
+            if i % 250 >= 200:
+                assert record is None
+            else:
+                assert record is not None and record.key == f"k{i % 250}"
+                assert record.gen == i % 250 and record.size == (i % 250) * 7
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            client.set("plain", "x")
+            await reader.redis.call("HGETALL", "plain")
+        await reader.redis.close()
+
+    asyncio.run(main())
+    client.close()
+
+
+def test_frozen_redis_fails_in_time_and_restart_reconnects(
+    server: tuple[int, list[subprocess.Popen[bytes]]],
+) -> None:
+    port, procs = server
+    with redis.Redis(port=port) as client:
+        client.hset("qp:f:a", mapping={"state": "remote", "gen": "1"})
+
+    async def main() -> None:
+        reader = AsyncStateReader(f"redis://127.0.0.1:{port}/0")
+        reader.redis = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=1.0)
+        assert (await reader.get("a")) is not None
+
+        os.kill(procs[0].pid, signal.SIGSTOP)  # Redis alive but silent
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await reader.get("a")
+        assert time.monotonic() - started < 3, "a frozen Redis held the request too long"
+        os.kill(procs[0].pid, signal.SIGCONT)
+
+        procs[0].kill()
+        procs[0].wait()
+        with pytest.raises(StateUnavailable):
+            await reader.get("a")
+        procs.append(_start(port))  # a new, empty Redis on the same address
+        assert await reader.get("a") is None
+        with redis.Redis(port=port) as client:
+            client.hset("qp:f:a", mapping={"state": "remote", "gen": "2"})
+        record = await reader.get("a")
+        assert record is not None and record.gen == 2
+        await reader.redis.close()
+
+    asyncio.run(main())
+
+
+def test_password_and_database_from_the_url(
+    server: tuple[int, list[subprocess.Popen[bytes]]],
+) -> None:
+    port, _ = server
+    with redis.Redis(port=port) as admin:
+        admin.config_set("requirepass", "s3cret")
+    with redis.Redis(port=port, password="s3cret", db=3) as authed:
+        authed.hset("qp:f:db3", mapping={"state": "local", "gen": "5"})
+
+    async def main() -> None:
+        good = PipelinedRedis(f"redis://:s3cret@127.0.0.1:{port}/3")
+        assert await good.call("HGET", "qp:f:db3", "gen") == b"5"
+        await good.close()
+        bad = PipelinedRedis(f"redis://:wrong@127.0.0.1:{port}/3")
+        with pytest.raises(StateUnavailable, match="refused"):
+            await bad.call("PING")
+
+    asyncio.run(main())
+
+
+def test_one_client_serves_event_loops_in_several_threads(
+    server: tuple[int, list[subprocess.Popen[bytes]]],
+) -> None:
+    import threading
+
+    port, _ = server
+    with redis.Redis(port=port) as client:
+        for i in range(50):
+            client.set(f"k{i}", str(i))
+    shared = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+    results: dict[int, list[bytes]] = {}
+
+    async def run(n: int) -> None:
+        results[n] = list(await asyncio.gather(*(shared.call("GET", f"k{i}") for i in range(50))))
+        await shared.close()
+
+    threads = [threading.Thread(target=asyncio.run, args=(run(n),)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(results) == [0, 1, 2]
+    for values in results.values():
+        assert values == [str(i).encode() for i in range(50)]
+
+
+def test_a_service_that_is_not_redis_is_refused_quickly(stack: Stack) -> None:
+    # The S3 endpoint (an HTTP server) where Redis was expected: garbage, not a hang.
+    port = urlsplit(stack.url("s3")).port
+
+    async def main() -> None:
+        client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=3)
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await client.call("HGETALL", "qp:f:x")
+        assert time.monotonic() - started < 2.5
+
+    asyncio.run(main())

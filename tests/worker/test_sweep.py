@@ -1,0 +1,122 @@
+"""sweep, retry and delete from the command line and from Python."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import boto3
+import httpx
+
+import qproxy
+from qproxy.compose import Stores
+from qproxy.dev.devstack import Stack
+from qproxy.lifecycle.files import commit, enqueue
+from qproxy.worker.sweep import requeue_stuck, sweep
+from qproxy.worker.transfer import transfer
+from tests.conftest import NoQueue, put_local, wait_state
+
+
+def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qproxy", *args],
+        env={**os.environ, **stack.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_retry_failed_from_the_cli(stack: Stack) -> None:
+    broken = Stores(stack.config.replace(s3_bucket="no-such-bucket"), queue=NoQueue())
+    key = put_local(broken, b"retry me")
+    assert transfer(broken, key, attempts_left=1) == "failed"
+    result = cli(stack, "retry", key)
+    assert result.returncode == 0 and f"queued {key}" in result.stdout
+    wait_state(Stores(stack.config), key, "remote")  # the real worker, with the real bucket
+    again = cli(stack, "retry", key)
+    assert again.returncode == 1 and "not failed" in again.stderr
+    assert cli(stack, "retry").returncode == 2
+
+
+def test_retry_all_failed(stack: Stack) -> None:
+    broken = Stores(stack.config.replace(s3_bucket="no-such-bucket"), queue=NoQueue())
+    keys = [put_local(broken, b"a"), put_local(broken, b"b")]
+    for key in keys:
+        assert transfer(broken, key, attempts_left=1) == "failed"
+    result = cli(stack, "retry", "--all-failed")
+    assert result.returncode == 0
+    for key in keys:
+        wait_state(Stores(stack.config), key, "remote")
+
+
+def test_delete_from_cli_and_python(stack: Stack) -> None:
+    node = Stores(stack.config)
+    one = put_local(node, b"cli delete")
+    two = put_local(node, b"python delete")
+    wait_state(node, one, "remote")
+    wait_state(node, two, "remote")
+    result = cli(stack, "delete", one)
+    assert result.returncode == 0 and "deleted" in result.stdout
+    assert qproxy.delete(two, stack.config)
+    for key in (one, two):
+        assert httpx.get(f"{stack.files_url}/media/{key}").status_code == 404
+    deadline = time.monotonic() + 30
+    while (node.state.get(one) or node.state.get(two)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert node.state.get(one) is None and node.state.get(two) is None
+    assert cli(stack, "delete", one).returncode == 1  # nothing left to delete
+
+
+def test_stuck_transfers_are_queued_again(stack: Stack) -> None:
+    quiet = Stores(stack.config, queue=NoQueue())
+    key = put_local(quiet, b"lost job")  # recorded, queued, but the job never sent
+    node = Stores(stack.config)
+    assert requeue_stuck(node, older_than=time.time() + 1, now=time.time()) >= 1
+    wait_state(node, key, "remote")
+
+
+def test_sweep_aborts_stale_multipart_uploads(stack: Stack) -> None:
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    upload = s3.create_multipart_upload(Bucket="qproxy-dev", Key="left/behind.bin")
+    node = Stores(stack.config.replace(multipart_max_age=0))
+    time.sleep(1)
+    report = sweep(node, local=False)
+    assert report.multipart_aborted >= 1
+    uploads = s3.list_multipart_uploads(Bucket="qproxy-dev").get("Uploads", [])
+    assert upload["UploadId"] not in [u["UploadId"] for u in uploads]
+
+
+def test_sweep_cli_reports(stack: Stack) -> None:
+    result = cli(stack, "sweep", "--json")
+    assert result.returncode == 0
+    assert set(json.loads(result.stdout)) == {
+        "replayed",
+        "dropped",
+        "pending_removed",
+        "requeued",
+        "multipart_aborted",
+    }
+
+
+def test_sweep_leaves_delayed_files_alone(stack: Stack) -> None:
+    node = Stores(stack.config, queue=NoQueue())
+    node.local.ensure()
+    temp = node.local.create_temp()
+    temp.write(b"later, on request")
+    temp.close()
+    key = "delayed/" + os.urandom(4).hex() + ".txt"
+    commit(node, temp, key, {"filename": "d.txt"}, enqueue=False)
+    assert requeue_stuck(node, older_than=time.time() + 1, now=time.time()) == 0 or (
+        node.state.get(key).state == "local"  # type: ignore[union-attr]
+    )
+    record = node.state.get(key)
+    assert record is not None and record.state == "local" and record.hold
+    real = Stores(stack.config)
+    assert enqueue(real, key)  # asked for: now it goes
+    wait_state(real, key, "remote")
+    record = real.state.get(key)
+    assert record is not None and not record.hold
