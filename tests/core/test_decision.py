@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from qproxy.core.decision import decide
+from qproxy.core.decision import (
+    MISSING,
+    MISSING_ANSWER,
+    Decision,
+    auth_answer,
+    decide,
+    should_ask_s3,
+    x_accel,
+)
 from qproxy.core.record import FileRecord, State
 
 
@@ -76,3 +84,66 @@ def test_headers_come_from_metadata() -> None:
     )
     assert d.content_type == "text/plain"
     assert d.disposition.startswith('inline; filename="a.txt"')
+
+
+# -- rendering for nginx ---------------------------------------------------------------------
+
+
+def headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw}
+
+
+def test_x_accel_local_points_nginx_at_the_encoded_path() -> None:
+    local = Decision("local", key="a b/ü?.txt", content_type="text/plain", disposition="inline")
+    status, raw, body = x_accel(local, redirect_ttl=b"10")
+    h = headers(raw)
+    assert (status, body) == (200, b"")
+    # nginx decodes the value once: encoded, '?' and spaces survive (DESIGN.md).
+    assert h["x-accel-redirect"] == "/_qp/local/a%20b/%C3%BC%3F.txt"
+    assert h["x-accel-expires"] == "1" and h["content-disposition"] == "inline"
+
+
+def test_x_accel_peer_is_signed_and_redirects_are_cached_briefly() -> None:
+    peer = Decision("peer", key="k.txt", peer="10.0.0.2:8300")
+    _, raw, _ = x_accel(peer, redirect_ttl=b"10", signed_query="exp=1&sig=ab")
+    assert headers(raw)["x-accel-redirect"] == "/_qp/peer/10.0.0.2:8300/k.txt?exp=1&sig=ab"
+    status, raw, _ = x_accel(
+        Decision("redirect", key="k", url="https://s3/k?X", max_age=300), redirect_ttl=b"10"
+    )
+    h = headers(raw)
+    assert status == 302 and h["location"] == "https://s3/k?X"
+    assert h["cache-control"] == "private, max-age=300" and h["x-accel-expires"] == "10"
+    _, raw, _ = x_accel(Decision("redirect", key="k", url="https://s3/k"), redirect_ttl=b"10")
+    assert headers(raw)["cache-control"] == "no-store"
+
+
+def test_a_miss_is_one_prebuilt_404_never_cached() -> None:
+    assert x_accel(MISSING, redirect_ttl=b"10") is MISSING_ANSWER
+    status, raw, body = MISSING_ANSWER
+    assert status == 404 and headers(raw)["x-accel-expires"] == "0"
+    assert int(headers(raw)["content-length"]) == len(body)
+
+
+def test_auth_answers_carry_the_branch_in_x_qp_headers() -> None:
+    local = auth_answer(Decision("local", key="d/k.txt", disposition="inline"), redirect_ttl=b"10")
+    assert headers(local)["x-qp-path"] == "/d/k.txt"
+    assert headers(local)["x-qp-disposition"] == "inline"
+    peer = auth_answer(
+        Decision("peer", key="k", peer="h:1"), redirect_ttl=b"10", signed_query="s=1"
+    )
+    assert headers(peer)["x-qp-peer"] == "/_qp/peer/h:1/k?s=1"
+    remote = auth_answer(Decision("redirect", key="k", url="https://s3/k"), redirect_ttl=b"7")
+    assert headers(remote)["x-qp-location"] == "https://s3/k"
+    assert headers(remote)["x-accel-expires"] == "7"
+    missing = headers(auth_answer(MISSING, redirect_ttl=b"7"))
+    assert not any(name.startswith("x-qp-") for name in missing)
+    assert missing["x-accel-expires"] == "0"
+
+
+def test_s3_is_asked_only_when_a_copy_may_be_there() -> None:
+    gone = record("deleted")
+    assert should_ask_s3(MISSING, None, retry=False)  # Redis lost the record
+    assert should_ask_s3(MISSING, record("local"), retry=True)  # nginx found the file gone
+    assert not should_ask_s3(MISSING, gone, retry=True)
+    assert not should_ask_s3(MISSING, record("pending"), retry=True)
+    assert not should_ask_s3(Decision("local", key="k"), None, retry=False)

@@ -14,6 +14,7 @@ import pytest
 
 from qproxy.config import Config
 from qproxy.errors import ConfigError
+from qproxy.ops import nginx
 from qproxy.ops.nginx import NginxOptions, find_nginx, full_config, server_block
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,3 +135,108 @@ def test_micro_cache_hop_address() -> None:
     for bad in ("unix:relative.sock", "unix:/a b.sock", "unix:/x;y", "ftp://x:1", "host"):
         with pytest.raises(ConfigError, match="micro-cache-listen"):
             conf(bad)
+
+
+# -- each location on its own ------------------------------------------------------------------
+
+ROOT_DIR = "/srv/qproxy files/"
+CACHE = 'add_header Cache-Control "private, max-age=60" always;'
+OFFLOAD = Config(
+    local_root=tempfile.gettempdir() + "/qproxy-nginx-offload",
+    s3_bucket="b",
+    raw_upload_paths="/api/files/*",
+    secret="s",
+)
+LOCATIONS = {
+    "app": (nginx.location_app(), ["proxy_request_buffering off;", "proxy_read_timeout 600s;"]),
+    "offload": (
+        nginx.location_offload(OFFLOAD, "/api/files/*"),
+        ["client_body_in_file_only clean;", "X-QProxy-Body-File $request_body_file;"],
+    ),
+    "public x-accel": (
+        nginx.location_public_x_accel("/media/", micro=False),
+        ["location ^~ /media/", "proxy_pass http://qproxy_resolver/resolve/;", "Range"],
+    ),
+    "public x-accel, micro-cache": (
+        nginx.location_public_x_accel("/media/", micro=True),
+        ["proxy_pass http://qproxy_decisions/resolve/;"],
+    ),
+    "local": (
+        nginx.location_local(ROOT_DIR, cache=CACHE, micro=False),
+        ["internal;", 'alias "/srv/qproxy files/";', "error_page 404 = @qp_retry;"],
+    ),
+    "local, micro-cache": (
+        nginx.location_local(ROOT_DIR, cache=CACHE, micro=True),
+        ["open_file_cache max=10000 inactive=30s;"],
+    ),
+    "public auth_request": (
+        nginx.location_public_auth("/media/", ROOT_DIR, cache=CACHE, micro=False),
+        ["auth_request /_qp/auth;", "try_files $qp_path @qp_remote;"],
+    ),
+    "auth": (
+        nginx.location_auth(micro=False),
+        ["location = /_qp/auth", "proxy_set_header X-Original-URI $request_uri;"],
+    ),
+    "auth, micro-cache": (nginx.location_auth(micro=True), ["proxy_cache qproxy_decisions;"]),
+    "remote": (
+        nginx.location_remote(300),
+        ['if ($qp_url = "") {', "return 302 $qp_url;", "max-age=300"],
+    ),
+    "retry": (
+        nginx.location_retry(),
+        ["proxy_set_header X-QP-Retry 1;", "proxy_pass http://qproxy_resolver$request_uri;"],
+    ),
+    "peer": (
+        nginx.location_peer(),
+        ["internal;", "proxy_pass http://$1/internal/blob/$2$is_args$args;"],
+    ),
+}
+# What a location refers to that lives outside it.
+SUPPORT = """
+    set $qp_path "";
+    set $qp_peer "";
+    set $qp_url "";
+    location = /_qp/auth { internal; return 200; }
+    location @qp_remote { return 404; }
+    location @qp_retry { return 404; }
+"""
+
+
+def _alone(location: str, prefix: Path, *, hop: str = "") -> str:
+    upstreams = nginx.upstreams("127.0.0.1:8000", "127.0.0.1:8300")
+    upstreams += hop or "upstream qproxy_decisions { server 127.0.0.1:8301; }\n"
+    zone = nginx.micro_cache_zone(str(prefix / "cache"))
+    support = "".join(
+        line + "\n"
+        for line in SUPPORT.strip("\n").splitlines()
+        if line.split("{")[0].strip() not in location
+    )
+    return (
+        f"pid nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n{upstreams}{zone}"
+        f"server {{\n    listen 127.0.0.1:1;\n{location}{support}}}\n}}\n"
+    )
+
+
+@pytest.mark.parametrize("name", list(LOCATIONS))
+def test_each_location_alone_passes_nginx_t(prefix: Path, name: str) -> None:
+    text, must = LOCATIONS[name]
+    (OFFLOAD.local_path / ".qp").mkdir(parents=True, exist_ok=True)
+    for directive in must:
+        assert directive in text, (name, directive)
+    conf = prefix / "nginx.conf"
+    conf.write_text(_alone(text, prefix))
+    try:
+        result = nginx_t(conf, prefix)
+    finally:
+        shutil.rmtree(OFFLOAD.local_path, ignore_errors=True)
+    assert result.returncode == 0, result.stderr + conf.read_text()
+
+
+def test_caching_hop_alone_passes_nginx_t(prefix: Path) -> None:
+    hop = nginx.caching_hop(f"unix:{prefix}/hop.sock")
+    assert "proxy_ignore_headers X-Accel-Redirect;" in hop
+    assert "keepalive_requests 100000;" in hop
+    conf = prefix / "nginx.conf"
+    conf.write_text(_alone("", prefix, hop=hop))
+    result = nginx_t(conf, prefix)
+    assert result.returncode == 0, result.stderr
