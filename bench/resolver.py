@@ -1,0 +1,166 @@
+"""Resolver rows: resolve + serve against nginx serving the file statically (cold, hot with
+the micro-cache, both nginx modes), and presigned/public redirects against a bare 302."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import (
+    NGINX_STATIC,
+    Bench,
+    Row,
+    fmt,
+)
+from qproxy.compose import Stores
+from qproxy.ops.nginx import NginxOptions, full_config
+
+
+def resolve_rows(b: Bench) -> None:
+    seconds = 2 if b.quick else 8
+    stack = b.stack
+    node_root = Path(stack.env["QPROXY_LOCAL_ROOT"])
+    data = os.urandom(64 * 1024)
+    r = httpx.post(stack.front + "/upload", files={"file": ("bench.bin", data)})
+    r.raise_for_status()
+    key = r.json()["keys"][0]
+    stack.services["worker"].signal(signal.SIGSTOP)  # keep it local for this row
+    try:
+        xaccel = stack.front
+        auth = b.nginx(
+            "nginx-auth",
+            full_config(
+                stack.config,
+                NginxOptions(
+                    listen="127.0.0.1:{port}",
+                    app=stack.url("app"),
+                    resolver=stack.url("resolver"),
+                    mode="auth_request",
+                ),
+            ),
+        )
+        bare = b.uvicorn("bare-resolver", "bench.apps:bare_resolver")
+        bare_ngx = b.nginx(
+            "nginx-bare",
+            full_config(
+                stack.config,
+                NginxOptions(listen="127.0.0.1:{port}", app=stack.url("app"), resolver=bare),
+            ),
+        )
+        static = b.nginx("nginx-static", NGINX_STATIC.replace("{root}", str(node_root) + "/"))
+        micro = {
+            mode: b.nginx(
+                f"nginx-micro-{mode}",
+                full_config(
+                    stack.config,
+                    NginxOptions(
+                        listen="127.0.0.1:{port}",
+                        app=stack.url("app"),
+                        resolver=stack.url("resolver"),
+                        mode=mode,
+                        micro_cache=True,
+                        micro_cache_listen=f"unix:{b.tmp}/hop-{mode}.sock",
+                    ),
+                ),
+            )
+            for mode in ("x-accel", "auth_request")
+        }
+        urls = {
+            "xaccel": f"{xaccel}/media/{key}",
+            "auth": f"{auth}/media/{key}",
+            "xaccel-micro": f"{micro['x-accel']}/media/{key}",
+            "auth-micro": f"{micro['auth_request']}/media/{key}",
+            "bare": f"{bare_ngx}/media/{key}",
+            "static": f"{static}/static/{key}",
+        }
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
+        for _ in range(b.rounds):
+            for name, url in urls.items():
+                results[name].append(b.wrk(url, seconds))
+        for name, label, target, what in (
+            ("xaccel", "X-Accel mode", 0.25, "cold"),
+            ("auth", "auth_request mode", 0.25, "cold"),
+            ("xaccel-micro", "X-Accel mode, hot key, micro-cache", 0.7, "hot"),
+            ("auth-micro", "auth_request mode, hot key, micro-cache", 0.7, "hot"),
+        ):
+            row = Row(
+                f"resolve + serve 64 KiB local, {label}",
+                "req/s",
+                f"qproxy resolver ({label})",
+                "nginx static",
+                cand=[x["rps"] for x in results[name]],
+                base=[x["rps"] for x in results["static"]],
+                target=f">= {target}x static ({what})",
+                target_ratio=target,
+            )
+            row.note = (
+                f"p50 {statistics.median(x['p50'] for x in results[name]):.1f} ms, "
+                f"p99 {statistics.median(x['p99'] for x in results[name]):.1f} ms; static p99 "
+                f"{statistics.median(x['p99'] for x in results['static']):.1f} ms"
+            )
+            b.rows.append(row)
+            print(f"  {row.name}: {fmt(row)}", flush=True)
+        row = Row(
+            "resolve + serve 64 KiB local, vs bare Starlette",
+            "req/s",
+            "qproxy resolver (X-Accel)",
+            "bare Starlette X-Accel (no Redis)",
+            cand=[x["rps"] for x in results["xaccel"]],
+            base=[x["rps"] for x in results["bare"]],
+        )
+        b.rows.append(row)
+        print(f"  {row.name}: {fmt(row)}", flush=True)
+        for name in (
+            "nginx-auth",
+            "bare-resolver",
+            "nginx-bare",
+            "nginx-static",
+            "nginx-micro-x-accel",
+            "nginx-micro-auth_request",
+        ):
+            b.stop(name)
+    finally:
+        stack.services["worker"].signal(signal.SIGCONT)
+
+    # Remote: 302s per second straight from the resolver.
+    r = httpx.post(stack.front + "/upload", files={"file": ("remote.bin", data)})
+    rkey = r.json()["keys"][0]
+
+    node = Stores(stack.config)
+    deadline = time.monotonic() + 60
+    while (rec := node.state.get(rkey)) is None or rec.state != "remote":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    public = b.serve(
+        "resolver-public",
+        [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", "{port}"],
+        "/metrics",
+        env={"QPROXY_REDIRECT": "public", "QPROXY_REMOTE_BASE_URL": "https://cdn.example"},
+    )
+    bare = b.uvicorn("bare-302", "bench.apps:bare_resolver")
+    runs: dict[str, list[float]] = {"presigned": [], "public": [], "bare": []}
+    for _ in range(b.rounds):
+        runs["presigned"].append(b.wrk(f"{stack.url('resolver')}/resolve/{rkey}", seconds)["rps"])
+        runs["public"].append(b.wrk(f"{public}/resolve/{rkey}", seconds)["rps"])
+        runs["bare"].append(b.wrk(f"{bare}/redirect/{rkey}", seconds)["rps"])
+    for mode, target in (("presigned", 0.5), ("public", None)):
+        row = Row(
+            f"resolve remote (302/s), {mode}",
+            "req/s",
+            f"resolver, {mode}",
+            "bare Starlette 302",
+            cand=runs[mode],
+            base=runs["bare"],
+            target=">= 0.5x bare" if target else "",
+            target_ratio=target,
+        )
+        b.rows.append(row)
+        print(f"  {row.name}: {fmt(row)}", flush=True)
+    b.stop("resolver-public")
+    b.stop("bare-302")

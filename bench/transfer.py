@@ -1,0 +1,128 @@
+"""Transfer rows: the worker end to end against boto3's own upload (one big file, many small)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from bench.common import (
+    Bench,
+    MiB,
+    Row,
+)
+from qproxy.compose import Stores
+from qproxy.lifecycle.files import commit
+from qproxy.stores.state import StateStore
+
+
+def transfer_row(b: Bench) -> None:
+    import boto3
+
+    size = (8 if b.quick else 256) * MiB
+    path = b.big_file(size)
+    node = Stores(b.stack.config)
+    s3 = boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
+
+    def cand() -> float:
+        temp = node.local.create_temp()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(MiB):
+                temp.write(chunk)
+        temp.close()
+        key = "bench/t-" + os.urandom(6).hex() + ".bin"
+        started = time.monotonic()
+        commit(node, temp, key, {"filename": "t.bin", "content_type": "application/octet-stream"})
+        while (rec := node.state.get(key)) is None or rec.state != "remote":
+            time.sleep(0.02)
+        rate = size / MiB / (time.monotonic() - started)
+        s3.delete_object(Bucket="qproxy-dev", Key=key)
+        node.local.remove(key)
+        return rate
+
+    def base() -> float:
+        started = time.monotonic()
+        s3.upload_file(str(path), "qproxy-dev", "bench/raw")
+        rate = size / MiB / (time.monotonic() - started)
+        s3.delete_object(Bucket="qproxy-dev", Key="bench/raw")
+        return rate
+
+    b.alternate(
+        Row(
+            f"transfer {size // MiB} MiB to S3",
+            "MiB/s",
+            "worker end to end (queue -> verified -> remote)",
+            "boto3 upload_file",
+            target=">= 0.8x boto3",
+            target_ratio=0.8,
+        ),
+        cand,
+        base,
+    )
+
+
+def transfer_many_row(b: Bench) -> None:
+    """Many small files: the worker pool end to end against a put_object loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    count = 40 if b.quick else 1000
+    width = b.stack.worker_concurrency
+    node = Stores(b.stack.config)
+    s3 = boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
+    payload = os.urandom(64 * 1024)
+    worker = b.stack.services["worker"]
+
+    def cand() -> float:
+        keys = []
+        worker.signal(signal.SIGSTOP)  # queue them all first: measure the pool, not intake
+        try:
+            for _ in range(count):
+                temp = node.local.create_temp()
+                temp.write(payload)
+                temp.close()
+                key = "bench/many-" + os.urandom(6).hex() + ".bin"
+                commit(
+                    node,
+                    temp,
+                    key,
+                    {"filename": "m.bin", "content_type": "application/octet-stream"},
+                )
+                keys.append(key)
+        finally:
+            started = time.monotonic()
+            worker.signal(signal.SIGCONT)
+        pending = list(keys)
+        while pending:
+            states = StateStore.from_url(b.stack.config.redis_url).states(pending)
+            pending = [k for k, st in zip(pending, states, strict=True) if st != "remote"]
+            time.sleep(0.05)
+        rate = count / (time.monotonic() - started)
+        for key in keys:
+            s3.delete_object(Bucket="qproxy-dev", Key=key)
+            node.local.remove(key)
+        return rate
+
+    def base() -> float:
+        names = [f"bench/raw-{i}" for i in range(count)]
+        started = time.monotonic()
+        with ThreadPoolExecutor(width) as pool:
+            list(pool.map(lambda n: s3.put_object(Bucket="qproxy-dev", Key=n, Body=payload), names))
+        rate = count / (time.monotonic() - started)
+        for name in names:
+            s3.delete_object(Bucket="qproxy-dev", Key=name)
+        return rate
+
+    b.alternate(
+        Row(
+            f"transfer {count:,} files of 64 KiB",
+            "files/s",
+            f"worker pool ({width} processes), end to end",
+            f"put_object loop, {width} threads",
+            target=">= 0.7x",
+            target_ratio=0.7,
+        ),
+        cand,
+        base,
+    )
