@@ -17,7 +17,7 @@ from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.dev.devstack import AWS_TEST_ENV, Stack
 from qproxy.keys import generate_key
-from qproxy.lifecycle.files import commit
+from qproxy.lifecycle.files import store
 from qproxy.ops.nginx import find_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,9 +113,5 @@ class NoQueue:
 
 def put_local(node: Stores, data: bytes, key: str | None = None) -> str:
     key = key or generate_key("f.bin")
-    node.local.ensure()
-    temp = node.local.create_temp()
-    temp.write(data)
-    temp.close()
-    commit(node, temp, key, {"filename": "f.bin", "content_type": "application/octet-stream"})
+    store(node, [data], key, {"filename": "f.bin", "content_type": "application/octet-stream"})
     return key

@@ -88,25 +88,15 @@ class QueuedStorage(Storage):
 
     def _save(self, name: str, content: File[Any]) -> str:
         key = self._key(name)
-        stores = self.stores
-        stores.local.ensure()
-        temp = stores.local.create_temp()
-        try:
-            if hasattr(content, "seek") and getattr(content, "seekable", lambda: True)():
-                content.seek(0)
-            for chunk in content.chunks():
-                temp.write(chunk)
-            temp.close()
-        except BaseException:
-            temp.discard()
-            raise
+        if hasattr(content, "seek") and getattr(content, "seekable", lambda: True)():
+            content.seek(0)
         original = clean_filename(getattr(content, "name", None) or key.rsplit("/", 1)[-1])
         fields = {
             "filename": original,
             "content_type": clean_content_type(getattr(content, "content_type", None), key),
             "meta": getattr(content, META_ATTRIBUTE, {}),
         }
-        files.commit(stores, temp, key, fields, enqueue=not self.delayed)
+        files.store(self.stores, content.chunks(), key, fields, enqueue=not self.delayed)
         return key
 
     def _open(self, name: str, mode: str = "rb") -> File[Any]:

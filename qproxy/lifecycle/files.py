@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from qproxy.compose import Stores
@@ -51,6 +52,29 @@ def commit(
     except (QProxyError, OSError) as exc:
         # The file is on disk and in the journal; sweep/reconcile finish the job.
         log.warning("qproxy: %s stored locally but not queued yet: %s", key, exc)
+
+
+def store(
+    stores: Stores,
+    chunks: Iterable[bytes],
+    key: str,
+    fields: dict[str, Any],
+    *,
+    enqueue: bool = True,
+    replace: bool = False,
+) -> None:
+    """Write ``chunks`` to a temp file and :func:`commit` it under ``key`` (the Django storage's
+    ``save()``, ``qproxy put``). Nothing is left behind if the chunks fail."""
+    stores.local.ensure()
+    temp = stores.local.create_temp()
+    try:
+        for chunk in chunks:
+            temp.write(chunk)
+        temp.close()
+    except BaseException:
+        temp.discard()
+        raise
+    commit(stores, temp, key, fields, enqueue=enqueue, replace=replace)
 
 
 def queue_transfer(stores: Stores, key: str, gen: int) -> None:

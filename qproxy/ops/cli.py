@@ -143,24 +143,20 @@ def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.compose import Stores
     from qproxy.core.multipart import clean_content_type, clean_filename
     from qproxy.keys import generate_key, validate_key
-    from qproxy.lifecycle.files import commit
+    from qproxy.lifecycle.files import store
 
-    node = Stores(_config())
     filename = clean_filename(os.path.basename(args.file))
     key = validate_key(args.key) if args.key else generate_key(filename)
-    node.local.ensure()
-    temp = node.local.create_temp()
-    try:
-        with open(args.file, "rb") as fh:
-            while chunk := fh.read(1024 * 1024):
-                temp.write(chunk)
-        temp.close()
-    except BaseException:
-        temp.discard()
-        raise
     fields = {"filename": filename, "content_type": clean_content_type(None, filename)}
-    # With --key an existing file is replaced: a new version, served from now on.
-    commit(node, temp, key, fields, replace=bool(args.key))
+    with open(args.file, "rb") as fh:
+        # With --key an existing file is replaced: a new version, served from now on.
+        store(
+            Stores(_config()),
+            iter(lambda: fh.read(1024 * 1024), b""),
+            key,
+            fields,
+            replace=bool(args.key),
+        )
     print(key)
     return 0
 
