@@ -38,7 +38,9 @@ def _default_server() -> str:
 def cmd_resolver(args: argparse.Namespace, extra: list[str]) -> int:
     if args.standalone:
         os.environ["QPROXY_STANDALONE"] = "1"
-    _config()  # fail here, loudly, rather than in every worker
+    from qproxy.serve.resolver import check_config
+
+    check_config(_config())  # fail here, loudly, rather than in every worker
     if args.server == "granian":
         from granian.constants import Interfaces
         from granian.log import LogLevels

@@ -28,7 +28,7 @@ from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import decision as render
 from qproxy.core.decision import MISSING, Decision, decide, should_ask_s3
-from qproxy.errors import InvalidKey, QProxyError, StateUnavailable
+from qproxy.errors import ConfigError, InvalidKey, QProxyError, StateUnavailable
 from qproxy.headers import check_signature, signed_query
 from qproxy.keys import validate_key
 from qproxy.stores import Objects
@@ -47,6 +47,15 @@ S3_BACKOFF = 5.0
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+def check_config(config: Config) -> None:
+    """Refuse to start on settings the resolver cannot serve with (rather than failing on
+    the first redirect)."""
+    if not config.s3_bucket:
+        raise ConfigError(
+            "QPROXY_S3_BUCKET is not set: the resolver sends clients there once files reach S3"
+        )
+
+
 class Resolver:
     """The ASGI app and the janitor of one node."""
 
@@ -59,6 +68,7 @@ class Resolver:
     ) -> None:
         self.stores = stores or Stores(config)
         self.config = config = self.stores.config
+        check_config(config)
         self.standalone = config.standalone if standalone is None else standalone
         self.counts: Counter[str] = Counter()
         self.reader = AsyncStateReader(config.redis_url)

@@ -120,3 +120,19 @@ def test_doctor_on_a_healthy_stack_and_a_broken_one(stack: Stack) -> None:
     assert down.returncode == 1 and "FAIL  redis" in down.stdout
     bad = qproxy("doctor", env={**env, "QPROXY_PUBLIC_PATH": "media"})
     assert bad.returncode == 1 and "FAIL  config" in bad.stdout
+
+
+def test_resolver_refuses_to_start_without_a_bucket() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPROXY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "qproxy", "resolver", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "qproxy: QPROXY_S3_BUCKET is not set: the resolver sends clients there once files "
+        "reach S3"
+    )

@@ -1,0 +1,56 @@
+"""The worker's kombu guard: only in the worker, only for a connection that is gone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from kombu.transport import redis as kombu_redis
+
+from qproxy.worker.app import harden_kombu
+
+
+class _GoneConnection:
+    """A kombu QoS whose connection went away: its index pipeline is an attribute of None."""
+
+    connection: Any = None
+
+    def _remove_from_indices(self, tag: str) -> Any:
+        return self.connection.hostname  # AttributeError on None, as kombu 5.x raises it
+
+
+class _Bug:
+    """Any other AttributeError is a bug, and must surface."""
+
+    def _remove_from_indices(self, tag: str) -> Any:
+        raise AttributeError("'QoS' object has no attribute 'typo'", name="typo", obj=self)
+
+
+def test_the_guard_swallows_only_a_gone_connection() -> None:
+    assert harden_kombu() is True
+    assert harden_kombu() is True  # once only
+    kombu_redis.QoS.ack(_GoneConnection(), "tag")  # type: ignore[arg-type]  # swallowed
+    with pytest.raises(AttributeError, match="typo"):
+        kombu_redis.QoS.ack(_Bug(), "tag")  # type: ignore[arg-type]
+
+
+def test_web_nodes_and_doctor_leave_kombu_alone() -> None:
+    # A web node sends jobs (the queue client) and doctor asks for workers: neither patches.
+    code = (
+        "from qproxy.config import Config\n"
+        "from qproxy.compose import Stores\n"
+        "from qproxy.ops.doctor import check_workers\n"
+        "from kombu.transport import redis as k\n"
+        "stores = Stores(Config(s3_bucket='b', redis_url='redis://127.0.0.1:1/0'))\n"
+        "stores.queue\n"
+        "check_workers(stores.config)\n"
+        "print(getattr(k.QoS, '_qproxy_hardened', False))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
