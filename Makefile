@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# s3rver (npm): the S3 that checks presigned URLs (tests/test_presigned.py)
+# s3rver (npm): the S3 that checks presigned URLs (tests/stores/test_s3_presigned.py)
 S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 
 .PHONY: bench test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
@@ -57,7 +57,7 @@ test-django-current: system-deps
 	  [ -f $(NEWER_VENV)/.stamp ] || { $(NEWER_PYTHON) -m venv $(NEWER_VENV) && \
 	    $(NEWER_VENV)/bin/pip install -q -e '.[test]' && touch $(NEWER_VENV)/.stamp; }; \
 	  $(NEWER_VENV)/bin/python -c 'import django, sys; print(f"Django {django.__version__} on Python {sys.version.split()[0]}")'; \
-	  $(NEWER_VENV)/bin/pytest -q tests/test_django.py; \
+	  $(NEWER_VENV)/bin/pytest -q tests/drivers/test_django.py; \
 	fi
 
 lint: $(STAMP)
