@@ -19,6 +19,7 @@ from qproxy.errors import (
     UploadTooLarge,
     VerificationFailed,
 )
+from qproxy.headers import sign_url
 
 __version__ = "0.1.0"
 
@@ -51,4 +52,5 @@ __all__ = [
     "VerificationFailed",
     "__version__",
     "delete",
+    "sign_url",
 ]

@@ -22,6 +22,20 @@ RedirectMode = Literal["presigned", "public"]
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
+# Types a browser shows but cannot run: the only ones served inline (QPROXY_INLINE_TYPES).
+DEFAULT_INLINE_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "image/avif",
+    "image/bmp",
+    "audio/*",
+    "video/*",
+    "application/pdf",
+    "text/plain",
+)
+
 
 def _default_local_root() -> str:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -45,6 +59,9 @@ class Config:
     redirect: RedirectMode = "presigned"
     remote_base_url: str | None = None
     secret: str = ""
+    # Lets hosts other than this one ask the resolver more than /internal/blob (nginx on
+    # another host or container sends it: qproxy nginx-config adds it when it is set).
+    admin_token: str = ""
     node_id: str = field(default_factory=socket.gethostname)
     node_url: str = "http://127.0.0.1:8300"
     keep_local_seconds: float = 3600.0
@@ -68,6 +85,10 @@ class Config:
     drop_grace_seconds: float = 5.0
     standalone: bool = False
     raw_upload_paths: str = ""  # comma-separated globs, e.g. "/api/files/*,/upload/raw/*"
+    upload_paths: str = ""  # comma-separated globs where uploads are taken; empty: every path
+    private_prefixes: str = ""  # comma-separated globs over keys served only when signed
+    # comma-separated types (globs: "video/*") served inline; the rest as attachments
+    inline_types: str = ",".join(DEFAULT_INLINE_TYPES)
     on_transferred: str = ""  # dotted path of a callable(record: dict), run in the worker
     on_failed: str = ""
 
@@ -101,6 +122,21 @@ class Config:
     def raw_paths(self) -> tuple[str, ...]:
         """Paths whose non-multipart PUT/POST bodies are stored as one file."""
         return tuple(p.strip() for p in self.raw_upload_paths.split(",") if p.strip())
+
+    @property
+    def upload_globs(self) -> tuple[str, ...]:
+        """Paths where uploads are taken (QPROXY_UPLOAD_PATHS); empty: every path."""
+        return tuple(p.strip() for p in self.upload_paths.split(",") if p.strip())
+
+    @property
+    def private_globs(self) -> tuple[str, ...]:
+        """Keys served only with a signed URL (QPROXY_PRIVATE_PREFIXES)."""
+        return tuple(p.strip() for p in self.private_prefixes.split(",") if p.strip())
+
+    @property
+    def inline(self) -> tuple[str, ...]:
+        """Content types served inline (QPROXY_INLINE_TYPES), lower case."""
+        return tuple(t.strip().lower() for t in self.inline_types.split(",") if t.strip())
 
     @property
     def redirect_max_age(self) -> int:
@@ -151,8 +187,9 @@ class Config:
     def describe(self) -> dict[str, Any]:
         """The settings as a dict, the secret masked (for ``qproxy doctor`` and logs)."""
         out = dataclasses.asdict(self)
-        if out["secret"]:
-            out["secret"] = "***"
+        for name in ("secret", "admin_token"):
+            if out[name]:
+                out[name] = "***"
         return out
 
 

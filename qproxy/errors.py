@@ -15,6 +15,7 @@ this tree once, where each store talks to its backend (``qproxy/stores/``), with
     ├── LengthRequired           411
     ├── UploadTooLarge           413
     ├── InsufficientStorage      507
+    ├── UnsafePath               500  a symlink planted under the local root
     ├── StateUnavailable         503  Redis
     ├── RemoteError              502  S3
     │   └── VerificationFailed
@@ -82,6 +83,11 @@ class InsufficientStorage(QProxyError):
     """The local disk is full."""
 
     status = 507
+
+
+class UnsafePath(QProxyError):
+    """A symlink (or a file) stands where the local store expects a folder or a file of its
+    own: refused, never followed."""
 
 
 class StateUnavailable(QProxyError):

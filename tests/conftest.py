@@ -27,7 +27,12 @@ needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not inst
 
 
 def _stack(
-    mode: str = "x-accel", app: str = "tests.apps:make_app", offload: bool = False, **settings: str
+    mode: str = "x-accel",
+    app: str = "tests.apps:make_app",
+    offload: bool = False,
+    app_server: str = "",
+    micro_cache: bool = False,
+    **settings: str,
 ) -> Stack:
     env = {
         "PYTHONPATH": str(ROOT),
@@ -36,7 +41,14 @@ def _stack(
         "QPROXY_MULTIPART_CHUNK": str(5 * 1024 * 1024),
         **settings,
     }
-    return Stack(mode=mode, settings=env, app=app, offload=offload)  # type: ignore[arg-type]
+    return Stack(
+        mode=mode,  # type: ignore[arg-type]
+        settings=env,
+        app=app,
+        offload=offload,
+        app_server=app_server,
+        micro_cache=micro_cache,
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -111,7 +123,8 @@ class NoQueue:
         pass
 
 
-def put_local(node: Stores, data: bytes, key: str | None = None) -> str:
+def put_local(node: Stores, data: bytes, key: str | None = None, *, replace: bool = False) -> str:
     key = key or generate_key("f.bin")
-    store(node, [data], key, {"filename": "f.bin", "content_type": "application/octet-stream"})
+    fields = {"filename": "f.bin", "content_type": "application/octet-stream"}
+    store(node, [data], key, fields, replace=replace)
     return key

@@ -28,6 +28,7 @@ def test_exported_names() -> None:
         "VerificationFailed",
         "__version__",
         "delete",
+        "sign_url",
     ]
 
 

@@ -52,6 +52,7 @@ FIELDS = {
     "hold": "H",
     "stale": "x",
     "meta": "M",
+    "private": "P",
 }
 _LONG = {short.encode(): name.encode() for name, short in FIELDS.items()}
 
@@ -89,6 +90,7 @@ class FileRecord:
     has_remote: bool = False
     version: int = 1
     hold: bool = False  # stored with delayed=True: transferred only when asked
+    private: bool = False  # served only with a signed URL (qproxy.sign_url)
     stale: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -121,6 +123,7 @@ class FileRecord:
             hold=get(b"hold", b"0") == b"1",
             stale=tuple(n for n in get(b"stale", b"").decode().split(",") if n),
             meta=json.loads(h[b"meta"]) if get(b"meta") else {},
+            private=get(b"private", b"0") == b"1",
         )
 
     @property

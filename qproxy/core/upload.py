@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -36,9 +37,13 @@ PRIVATE_HEADERS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoredFile:
-    """A file the middleware stored for the app (``environ["qproxy.uploads"]``)."""
+    """A file the middleware stored for the app (``environ["qproxy.uploads"]``).
+
+    What the app sets before it answers is stored with the file: ``meta`` (handed to the
+    worker hooks) and ``private`` (served only with a signed URL, :func:`qproxy.sign_url`).
+    """
 
     field: str
     key: str
@@ -48,6 +53,7 @@ class StoredFile:
     sha256: str
     url: str
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    private: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +72,8 @@ class Policy:
 
     limits: Limits
     raw_paths: tuple[str, ...] = ()
+    # Globs of paths where uploads are taken (QPROXY_UPLOAD_PATHS); empty: every path.
+    upload_paths: tuple[str, ...] = ()
     # Proves an offloaded body's path comes from nginx (``nginx-config --offload``).
     secret: str = ""
 
@@ -84,6 +92,14 @@ class UploadRequest:
     framed: bool = False
     body_file: str | None = None
     body_token: str | None = None
+    # Header names (lower case) the request carries more than once, where the server lets
+    # the adapter see that (ASGI; a WSGI server joins them with commas or keeps one).
+    repeated: frozenset[str] = frozenset()
+
+
+# Headers the middleware and the framework behind it must read alike: sent twice, one could
+# take the first and the other the last (the app then parses a file qproxy never saw).
+SINGLE_HEADERS = ("content-type", "content-length", "transfer-encoding", "content-disposition")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +127,19 @@ def plan(request: UploadRequest, policy: Policy) -> Plan | None:
     offloaded body that is not nginx's, :class:`LengthRequired` and :class:`UploadTooLarge`
     for a body that cannot be taken by its declared length.
     """
+    if request.method not in UPLOAD_METHODS:
+        return None
+    path = request.path
+    if policy.upload_paths and not any(fnmatch.fnmatchcase(path, p) for p in policy.upload_paths):
+        return None  # elsewhere the body reaches the app untouched, as without qproxy
+    _refuse_ambiguous(request)
     rewriter = _rewriter(request, policy)
     if rewriter is None:
         return None
     if request.body_file or request.body_token:
-        if not isinstance(rewriter, RawBodyRewriter):
+        # nginx offloads every body on a raw upload path, a multipart form posted there
+        # too (then it is parsed from nginx's file).
+        if not _raw_path(request.path, policy):
             raise MalformedUpload("an offloaded body is only taken on a raw upload path")
         if not check_offload_token(policy.secret, request.body_token or ""):
             raise MalformedUpload("the offloaded body's token does not match QPROXY_SECRET")
@@ -126,10 +150,39 @@ def plan(request: UploadRequest, policy: Policy) -> Plan | None:
     return Plan(rewriter, length=length)
 
 
+def _raw_path(path: str, policy: Policy) -> bool:
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in policy.raw_paths)
+
+
+def _refuse_ambiguous(request: UploadRequest) -> None:
+    for name in SINGLE_HEADERS:
+        if name in request.repeated:
+            raise MalformedUpload(f"more than one {name.title()} header")
+    # A WSGI server joins repeated headers with commas: a length never has one, and a type
+    # has one only inside a quoted parameter.
+    if request.content_length and "," in request.content_length:
+        raise MalformedUpload("more than one Content-Length header")
+    if request.content_type and "," in _unquoted(request.content_type):
+        raise MalformedUpload("more than one Content-Type header")
+
+
+def _unquoted(value: str) -> str:
+    """``value`` without its quoted strings."""
+    out, quoted, escaped = [], False, False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif not quoted:
+            out.append(char)
+    return "".join(out)
+
+
 def _rewriter(request: UploadRequest, policy: Policy) -> Rewriter | None:
-    method = request.method
-    if method not in UPLOAD_METHODS:
-        return None
+    method, path = request.method, request.path
     limits = policy.limits
     boundary = multipart_boundary(request.content_type)
     if boundary is not None:
@@ -139,8 +192,7 @@ def _rewriter(request: UploadRequest, policy: Policy) -> Rewriter | None:
             max_parts=limits.max_parts,
             max_form_memory=limits.max_form_memory,
         )
-    path = request.path
-    if method in RAW_METHODS and any(fnmatch.fnmatchcase(path, p) for p in policy.raw_paths):
+    if method in RAW_METHODS and _raw_path(path, policy):
         filename = ""
         if request.content_disposition:
             _, options = parse_options_header(request.content_disposition)
@@ -186,13 +238,27 @@ class Answer:
 def refusal(exc: QProxyError) -> Answer:
     """The answer to a refused upload: the error's status and its one-line reason."""
     body = (exc.reason + "\n").encode()
+    # No Connection header: it is hop-by-hop, which PEP 3333 forbids a WSGI app to send
+    # (waitress turns such an answer into a 500). The adapters read the rest of the body
+    # before answering instead (see drain_budget), so the connection stays usable.
     headers = (
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
-        # The rest of the body may be unread: the connection cannot be reused.
-        ("Connection", "close"),
     )
     return Answer(exc.status, headers, body)
+
+
+def drain_budget(*, declared: int | None, received: int, max_body: int) -> int:
+    """How many more body bytes to read and throw away before sending a refusal.
+
+    A server that answers and closes while nginx is still sending the body makes nginx
+    log a broken pipe and give the client a 502 instead of the refusal; reading the rest
+    first (never past the upload limit) lets the 4xx through every time.
+    """
+    if declared is not None and declared > max_body:
+        return 0  # refused by its length: not a byte of it is wanted
+    ceiling = max_body if declared is None else declared
+    return max(0, ceiling - received)
 
 
 def should_commit(status: int) -> bool:
@@ -203,9 +269,34 @@ def should_commit(status: int) -> bool:
 Outcome = Literal["commit", "discard"]
 
 
+class Uploads(list[StoredFile]):
+    """``qproxy.uploads``: the request's files. Reading them tells :class:`Settle` the app
+    looked at them."""
+
+    def __init__(self, files: list[StoredFile], settle: Settle) -> None:
+        super().__init__(files)
+        self._settle = settle
+
+    def __iter__(self) -> Iterator[StoredFile]:
+        self._settle.looked_at()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._settle.looked_at()
+        return super().__len__()
+
+    def __getitem__(self, index: Any) -> Any:
+        self._settle.looked_at()
+        return super().__getitem__(index)
+
+
 class Settle:
     """The commit rule as a state machine: fed what the app does, it says once whether the
     request's files are committed or discarded.
+
+    Files are kept only when the app looked at them (read the body, or asked for
+    ``qproxy.uploads``) and answered < 400: a route that never reads its body (a login wall
+    answering 302) keeps nothing, so strangers cannot fill the disk and the bucket through it.
 
     Each method returns the outcome to carry out now, or None (nothing to do yet, or
     already decided). Decided no later than the first byte of the answer: a client that
@@ -215,6 +306,11 @@ class Settle:
     def __init__(self) -> None:
         self.status: int | None = None
         self.outcome: Outcome | None = None
+        self.looked = False
+
+    def looked_at(self) -> None:
+        """The app read the body or the uploads."""
+        self.looked = True
 
     def started(self, status: int) -> None:
         """The app set its status (WSGI's start_response may set it again, with exc_info,
@@ -225,7 +321,7 @@ class Settle:
         """The answer is about to leave."""
         if self.outcome is not None or self.status is None:
             return None
-        return self._decide("commit" if should_commit(self.status) else "discard")
+        return self._decide("commit" if self._accepted(self.status) else "discard")
 
     def failed(self) -> Outcome | None:
         """The app raised: whatever it meant to answer, the client does not see it."""
@@ -235,8 +331,11 @@ class Settle:
         """The exchange is over; an app that never set a status accepted nothing."""
         if self.outcome is not None:
             return None
-        ok = self.status is not None and should_commit(self.status)
+        ok = self.status is not None and self._accepted(self.status)
         return self._decide("commit" if ok else "discard")
+
+    def _accepted(self, status: int) -> bool:
+        return self.looked and should_commit(status)
 
     def _decide(self, outcome: Outcome) -> Outcome:
         self.outcome = outcome

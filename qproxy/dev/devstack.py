@@ -93,6 +93,8 @@ class Stack:
     mode: Mode = "x-accel"
     settings: dict[str, str] = field(default_factory=dict)
     app: str = "qproxy.dev.demo:make_app"
+    # The app's server (qproxy.dev.devserver --server); empty: werkzeug or uvicorn.
+    app_server: str = ""
     worker_concurrency: int = 2
     micro_cache: bool = False  # nginx-config --micro-cache
     offload: bool = False  # nginx-config --offload (needs QPROXY_RAW_UPLOAD_PATHS)
@@ -322,6 +324,7 @@ class Stack:
             self.app,
             "--port",
             str(self.ports["app"]),
+            *(["--server", self.app_server] if self.app_server else []),
         ]
         self.spawn("app", argv)
         self.wait_for("app", lambda: self._http_ok(self.url("app") + "/"))

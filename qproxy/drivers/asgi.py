@@ -26,6 +26,8 @@ from qproxy.core.upload import (
     Outcome,
     Settle,
     UploadRequest,
+    Uploads,
+    drain_budget,
     refusal,
 )
 from qproxy.errors import ClientDisconnected, QProxyError
@@ -55,7 +57,14 @@ class UploadMiddleware:
             await self.app(scope, receive, send)
             return
         raw_headers: list[tuple[bytes, bytes]] = list(scope.get("headers", []))
-        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in raw_headers}
+        headers: dict[str, str] = {}
+        repeated: set[str] = set()
+        for raw_name, raw_value in raw_headers:
+            name = raw_name.decode("latin-1")
+            if name in headers:
+                repeated.add(name)
+            else:  # the first, as Starlette reads it (repeated ones are refused anyway)
+                headers[name] = raw_value.decode("latin-1")
         # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.
         if any(name in _PRIVATE for name, _ in raw_headers):
             raw_headers = [(n, v) for n, v in raw_headers if n not in _PRIVATE]
@@ -69,27 +78,32 @@ class UploadMiddleware:
             framed=True,  # an ASGI server delimits the body (more_body)
             body_file=headers.get("x-qproxy-body-file"),
             body_token=headers.get("x-qproxy-body-token"),
+            repeated=frozenset(repeated),
         )
         try:
             start = functools.partial(begin, self.stores, request)
             # An offloaded body is hashed and fsynced on taking it: not on the event loop.
             intake = await anyio.to_thread.run_sync(start) if request.body_file else start()
         except QProxyError as exc:
+            await _drain(receive, self._budget(request, 0))
             await _send(refusal(exc), send)
             return
         if intake is None:
             await self.app(scope, receive, send)
             return
 
+        counter = _Counter()
         try:
             if not intake.offloaded:
-                await self._read_body(receive, intake)
+                await self._read_body(receive, intake, counter)
         except ClientDisconnected:
             await anyio.to_thread.run_sync(intake.discard)
             return
         except QProxyError as exc:
             await anyio.to_thread.run_sync(intake.discard)
             log.info("qproxy: upload refused (%s): %s", exc.status, exc.reason)
+            if not counter.ended:
+                await _drain(receive, self._budget(request, counter.received))
             await _send(refusal(exc), send)
             return
         except BaseException:
@@ -101,10 +115,21 @@ class UploadMiddleware:
         new_headers.append((b"content-length", str(len(body)).encode()))
         if intake.raw_key is not None:
             new_headers.append((_KEY, intake.raw_key.encode()))
-        app_scope = {**scope, "headers": new_headers, "qproxy.uploads": intake.files}
-        await _Response(intake, body, receive, send).run(self.app, app_scope)
+        response = _Response(intake, body, receive, send)
+        uploads = Uploads(intake.files, response.settle)
+        app_scope = {**scope, "headers": new_headers, "qproxy.uploads": uploads}
+        await response.run(self.app, app_scope)
 
-    async def _read_body(self, receive: Receive, intake: Intake) -> None:
+    def _budget(self, request: UploadRequest, received: int) -> int:
+        try:
+            declared: int | None = int(request.content_length or "")
+        except ValueError:
+            declared = None
+        return drain_budget(
+            declared=declared, received=received, max_body=self.config.max_upload_bytes
+        )
+
+    async def _read_body(self, receive: Receive, intake: Intake, counter: _Counter) -> None:
         """Feeds the body to the intake in a worker thread, one chunk in flight while the
         event loop gathers the next (so receiving and hashing/writing use two cores)."""
         sender, chunks = anyio.create_memory_object_stream[list[bytes]](1)
@@ -112,12 +137,22 @@ class UploadMiddleware:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_feed, chunks, intake)
                 async with sender:
-                    await _gather(receive, sender)
+                    await _gather(receive, sender, counter)
         except BaseExceptionGroup as group:
             raise _first_cause(group) from None
 
 
-async def _gather(receive: Receive, sender: MemoryObjectSendStream[list[bytes]]) -> None:
+class _Counter:
+    """What the body read took from the server, and whether it saw the end."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.ended = False
+
+
+async def _gather(
+    receive: Receive, sender: MemoryObjectSendStream[list[bytes]], counter: _Counter
+) -> None:
     """Body messages, handed on in batches of at least FEED_SIZE bytes (not joined: each
     byte is copied once less)."""
     batch: list[bytes] = []
@@ -130,11 +165,24 @@ async def _gather(receive: Receive, sender: MemoryObjectSendStream[list[bytes]])
         if body:
             batch.append(body)
             size += len(body)
+            counter.received += len(body)
         more = bool(message.get("more_body", False))
+        counter.ended = not more
         if size >= FEED_SIZE or (batch and not more):
             await sender.send(batch)
             batch, size = [], 0
         if not more:
+            return
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Receive and throw away up to ``budget`` bytes of a refused body (drain_budget)."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
             return
 
 
@@ -181,6 +229,7 @@ class _Response:
 
     async def receive(self) -> Message:
         if self.body is not None:
+            self.settle.looked_at()
             body, self.body = self.body, None
             return {"type": "http.request", "body": body, "more_body": False}
         return await self._receive()  # after the body: wait for the disconnect

@@ -127,7 +127,7 @@ class QueuedStorage(Storage):
             return record.size
         key = self._key(name)
         if self.stores.local.exists(key):
-            return self.stores.local.path_for(key).stat().st_size
+            return self.stores.local.size(key)
         raise FileNotFoundError(name)
 
     def url(self, name: str | None) -> str:

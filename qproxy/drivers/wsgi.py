@@ -12,11 +12,19 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qproxy.compose import Stores
 from qproxy.config import Config
-from qproxy.core.upload import KEY_HEADER, Answer, Settle, UploadRequest, refusal
+from qproxy.core.upload import (
+    KEY_HEADER,
+    Answer,
+    Settle,
+    UploadRequest,
+    Uploads,
+    drain_budget,
+    refusal,
+)
 from qproxy.errors import IncompleteBody, QProxyError
 from qproxy.lifecycle.ingest import Feeder, Intake, begin
 
@@ -62,55 +70,126 @@ class UploadMiddleware:
             body_file=environ.pop("HTTP_X_QPROXY_BODY_FILE", None),
             body_token=environ.pop("HTTP_X_QPROXY_BODY_TOKEN", None),
         )
+        stream = environ["wsgi.input"]
+        max_body = self.config.max_upload_bytes
         try:
             intake = begin(self.stores, request)
         except QProxyError as exc:
+            declared = _length(request)
+            # Without a length or a framing server there is no body to read (PEP 3333).
+            if declared is not None or request.framed:
+                budget = drain_budget(declared=declared, received=0, max_body=max_body)
+                _drain(stream, budget)
             return _send(refusal(exc), start_response)
         if intake is None:
             return self.app(environ, start_response)
 
+        reader = _BodyReader(stream)
         try:
             if not intake.offloaded:
-                _read_body(environ["wsgi.input"], intake)
+                reader.feed(intake)
         except QProxyError as exc:
             intake.discard()
             log.info("qproxy: upload refused (%s): %s", exc.status, exc.reason)
+            if not isinstance(exc, IncompleteBody):
+                declared = intake.plan.length
+                _drain(
+                    stream,
+                    drain_budget(declared=declared, received=reader.received, max_body=max_body),
+                )
             return _send(refusal(exc), start_response)
         except BaseException:
             intake.discard()
             raise
 
+        settle = Settle()
         body = intake.body()
-        environ["wsgi.input"] = io.BytesIO(body)
+        environ["wsgi.input"] = _Body(body, settle)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["wsgi.input_terminated"] = False
-        environ["qproxy.uploads"] = intake.files
+        environ["qproxy.uploads"] = Uploads(intake.files, settle)
         if intake.raw_key is not None:
             environ[KEY_ENVIRON] = intake.raw_key
-        return _Response(self.app, environ, start_response, intake)
+        return _Response(self.app, environ, start_response, intake, settle)
 
 
-def _read_body(stream: io.BufferedIOBase, intake: Intake) -> None:
-    declared = intake.plan.length
-    remaining = declared
-    with Feeder(intake) as feeder:
-        while remaining is None or remaining > 0:
-            want = READ_SIZE if remaining is None else min(READ_SIZE, remaining)
-            chunk = stream.read(want)
-            if not chunk:
-                break
-            if remaining is not None:
-                remaining -= len(chunk)
-            feeder.put(chunk)
-        if remaining:
-            # A server hands over what arrived before the client went away; a raw body
-            # cut short must not be kept as if it were whole.
-            assert declared is not None
-            raise IncompleteBody(
-                f"request body ended after {declared - remaining} of {declared} bytes"
-            )
-        feeder.put(b"")
+def _length(request: UploadRequest) -> int | None:
+    try:
+        return int(request.content_length or "")
+    except ValueError:
+        return None
+
+
+def _drain(stream: io.BufferedIOBase, budget: int) -> None:
+    """Read and throw away up to ``budget`` bytes of a refused body (see drain_budget)."""
+    while budget > 0:
+        chunk = stream.read(min(READ_SIZE, budget))
+        if not chunk:
+            return
+        budget -= len(chunk)
+
+
+class _BodyReader:
+    """Reads the body into an intake, counting what it took from the server."""
+
+    def __init__(self, stream: io.BufferedIOBase) -> None:
+        self.stream = stream
+        self.received = 0
+
+    def feed(self, intake: Intake) -> None:
+        declared = intake.plan.length
+        remaining = declared
+        with Feeder(intake) as feeder:
+            while remaining is None or remaining > 0:
+                want = READ_SIZE if remaining is None else min(READ_SIZE, remaining)
+                chunk = self.stream.read(want)
+                if not chunk:
+                    break
+                self.received += len(chunk)
+                if remaining is not None:
+                    remaining -= len(chunk)
+                feeder.put(chunk)
+            if remaining:
+                # A server hands over what arrived before the client went away; a raw body
+                # cut short must not be kept as if it were whole.
+                assert declared is not None
+                raise IncompleteBody(
+                    f"request body ended after {declared - remaining} of {declared} bytes"
+                )
+            feeder.put(b"")
+
+
+class _Body(io.BytesIO):
+    """The rewritten body the app reads; reading it tells :class:`Settle` the app looked."""
+
+    def __init__(self, body: bytes, settle: Settle) -> None:
+        super().__init__(body)
+        self._settle = settle
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._settle.looked_at()
+        return super().read(size)
+
+    def read1(self, size: int | None = -1) -> bytes:
+        self._settle.looked_at()
+        return super().read1(size)
+
+    def readinto(self, buffer: Any) -> int:
+        self._settle.looked_at()
+        return super().readinto(buffer)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        self._settle.looked_at()
+        return super().readline(size)
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        self._settle.looked_at()
+        return super().readlines(hint)
+
+    def __iter__(self) -> Any:
+        self._settle.looked_at()
+        return super().__iter__()
 
 
 class _Response:
@@ -122,9 +201,10 @@ class _Response:
         environ: WSGIEnvironment,
         start_response: StartResponse,
         intake: Intake,
+        settle: Settle,
     ) -> None:
         self.intake = intake
-        self.settle = Settle()
+        self.settle = settle
         self._start_response = start_response
         try:
             self.result: Iterable[bytes] = app(environ, self._intercept)

@@ -98,7 +98,16 @@ def restore(stores: Stores, key: str, entry: dict[str, Any]) -> bool:
     (a journal entry, or what reconcile found on disk). False if it has a record."""
     fields: dict[str, Any] = {
         name: entry[name]
-        for name in ("node", "node_url", "size", "sha256", "filename", "content_type", "meta")
+        for name in (
+            "node",
+            "node_url",
+            "size",
+            "sha256",
+            "filename",
+            "content_type",
+            "meta",
+            "private",
+        )
         if name in entry
     }
     fields["has_local"] = True

@@ -29,6 +29,7 @@ from qproxy.stores.local import Behind, TempFile
 log = logging.getLogger("qproxy")
 
 FEED_SLICE = 128 * 1024
+OFFLOAD_READ = 1024 * 1024
 
 
 @functools.cache
@@ -37,6 +38,7 @@ def policy_of(config: Config) -> Policy:
     return Policy(
         Limits(config.max_upload_bytes, config.max_parts, config.max_form_memory),
         raw_paths=config.raw_paths,
+        upload_paths=config.upload_globs,
         secret=config.secret,
     )
 
@@ -52,11 +54,21 @@ def begin(stores: Stores, request: UploadRequest) -> Intake | None:
     if taken is None:
         return None
     intake = Intake(stores, taken)
-    if taken.offloaded:
-        if taken.body_file:
-            intake.adopt(taken.body_file)
-        else:  # nginx writes no file for an empty body
+    if not taken.offloaded:
+        return intake
+    try:
+        if not taken.body_file:  # nginx writes no file for an empty body
             intake.feed(b"")
+        elif isinstance(taken.rewriter, RawBodyRewriter):
+            intake.adopt(taken.body_file)
+        else:  # a form posted to a raw path: parsed from nginx's file
+            with stores.local.open_offloaded(taken.body_file) as fh:
+                while chunk := fh.read(OFFLOAD_READ):
+                    intake.feed(chunk)
+            intake.feed(b"")
+    except BaseException:
+        intake.discard()
+        raise
     return intake
 
 
@@ -155,6 +167,7 @@ class Intake:
                     "filename": stored.filename,
                     "content_type": stored.content_type,
                     "meta": stored.meta,
+                    **({"private": True} if stored.private else {}),
                 },
             )
 

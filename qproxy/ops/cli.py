@@ -163,6 +163,13 @@ def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_sign(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.headers import sign_url
+
+    print(sign_url(args.key, args.expires, method=args.method, config=_config()))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.compose import Stores
     from qproxy.worker.sweep import sweep
@@ -256,7 +263,21 @@ def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
         micro_cache_path=args.micro_cache_path or NginxOptions.micro_cache_path,
         offload=args.offload,
     )
-    print(full_config(config, options) if args.full else server_block(config, options), end="")
+    text = full_config(config, options) if args.full else server_block(config, options)
+    if args.offload:
+        # nginx creates its body folder (.qp/offload) but not the folders above it: a
+        # fresh root would fail `nginx -t`.
+        from qproxy.stores.local import LocalStore
+
+        try:
+            LocalStore(config.local_path, node_id=config.node_id).ensure()
+        except OSError as exc:
+            print(
+                f"qproxy: note: create {config.local_path / '.qp'} before starting nginx "
+                f"({exc.strerror})",
+                file=sys.stderr,
+            )
+    print(text, end="")
     return 0
 
 
@@ -331,6 +352,20 @@ def _parse_put(add: AddCommand) -> None:
         "--key", help="use this key instead of a generated one (replaces a file stored under it)"
     )
     p.set_defaults(func=cmd_put)
+
+
+def _parse_sign(add: AddCommand) -> None:
+    p = add(
+        "sign",
+        "print a signed, expiring URL for a file (the only way a private file is served)",
+        "Print the path and query of a URL that serves KEY until it expires (private files: "
+        "QPROXY_PRIVATE_PREFIXES, or uploads the app marked private). The signature binds the "
+        "key, the expiry and the method; it needs QPROXY_SECRET.",
+    )
+    p.add_argument("key", help="the file's key")
+    p.add_argument("--expires", type=int, default=300, help="seconds the URL works (default: 300)")
+    p.add_argument("--method", choices=["GET", "HEAD"], default="GET", help="default: GET")
+    p.set_defaults(func=cmd_sign)
 
 
 def _parse_sweep(add: AddCommand) -> None:
@@ -467,6 +502,7 @@ COMMANDS: tuple[Callable[[AddCommand], None], ...] = (
     _parse_status,
     _parse_ls,
     _parse_put,
+    _parse_sign,
     _parse_sweep,
     _parse_retry,
     _parse_delete,

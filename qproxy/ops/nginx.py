@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from qproxy.config import Config
+from qproxy.config import DEFAULT_INLINE_TYPES, Config
+from qproxy.core.decision import MEDIA_CSP, NOSNIFF
 from qproxy.errors import ConfigError
 from qproxy.headers import OFFLOAD_FILE_HEADER, OFFLOAD_TOKEN_HEADER, offload_token
 
@@ -124,7 +125,9 @@ def _proxy_common(indent: str) -> str:
     return "".join(f"{indent}{line}\n" for line in lines)
 
 
-def _resolver_headers(indent: str) -> str:
+def _resolver_headers(indent: str, token: str = "") -> str:
+    if any(c in token for c in '"\\$\r\n\x00;{}'):
+        raise ConfigError("QPROXY_ADMIN_TOKEN cannot be written into nginx's config")
     lines = [
         "# The resolver needs none of the client's headers (cookies included): only the ones",
         "# set here go.",
@@ -133,6 +136,8 @@ def _resolver_headers(indent: str) -> str:
         'proxy_set_header Content-Length "";',
         *[f'proxy_set_header {name} "";' for name in _STRIP],
     ]
+    if token:
+        lines.append(f'proxy_set_header X-QProxy-Token "{token}";')
     return "".join(f"{indent}{line}\n" for line in lines)
 
 
@@ -182,6 +187,59 @@ def _open_files(comment: str) -> str:
     )
 
 
+# At most this many ranges per request: 600 ranges of a 12 kB file used to answer 54 kB.
+MAX_RANGES = 16
+
+
+def _file_answer(*, links: bool = True) -> str:
+    """What every answer carrying a file's bytes gets: no type sniffing, a sandboxing CSP (an
+    upload never runs script in the site's origin), a cap on ranges and, where nginx opens
+    the file itself, no symlink followed under the root."""
+    lines = [
+        f"add_header X-Content-Type-Options {NOSNIFF} always;",
+        f'add_header Content-Security-Policy "{MEDIA_CSP}" always;',
+        f"max_ranges {MAX_RANGES};",
+    ]
+    if links:
+        lines.append("disable_symlinks on from=$document_root;")
+    return _lines(I2, *lines)
+
+
+# Extensions of the types a browser may show inline. In auth_request mode nginx picks a
+# local file's type from its key's extension: only these (as far as QPROXY_INLINE_TYPES
+# allows them) get their own type, every other file is application/octet-stream.
+EXTENSIONS = {
+    "image/png": "png",
+    "image/jpeg": "jpg jpeg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+    "image/avif": "avif",
+    "image/bmp": "bmp",
+    "audio/mpeg": "mp3",
+    "audio/ogg": "ogg oga",
+    "audio/wav": "wav",
+    "audio/flac": "flac",
+    "video/mp4": "mp4 m4v",
+    "video/webm": "webm",
+    "video/ogg": "ogv",
+    "application/pdf": "pdf",
+    "text/plain": "txt",
+}
+
+
+def _shown_types(inline: tuple[str, ...]) -> str:
+    allowed = [
+        f"{mimetype} {exts};"
+        for mimetype, exts in EXTENSIONS.items()
+        if any(fnmatch.fnmatchcase(mimetype, pattern) for pattern in inline)
+    ]
+    return (
+        _lines(I2, "# Inline only what a browser cannot run (QPROXY_INLINE_TYPES).", "types {")
+        + _lines(I2 + "    ", *allowed)
+        + _lines(I2, "}", "default_type application/octet-stream;")
+    )
+
+
 def upstreams(app: str, resolver: str) -> str:
     """The app and the resolver, with kept-alive connections."""
     return (
@@ -202,7 +260,7 @@ def micro_cache_zone(path: str) -> str:
     )
 
 
-def caching_hop(hop: str) -> str:
+def caching_hop(hop: str, token: str = "") -> str:
     """X-Accel mode's micro-cache: a second server that caches the resolver's answers as they
     are (nginx never caches an answer it acts on), and the upstream that reaches it."""
     return (
@@ -223,6 +281,7 @@ def caching_hop(hop: str) -> str:
             "/resolve/",
             _lines(I2, "proxy_pass http://qproxy_resolver;"),
             _proxy_common(I2),
+            _lines(I2, f'proxy_set_header X-QProxy-Token "{token}";') if token else "",
             _micro_cache(I2),
             _lines(
                 I2,
@@ -296,7 +355,7 @@ def _offload(config: Config) -> str:
     return intro + "".join(location_offload(config, p) + "\n" for p in config.raw_paths)
 
 
-def location_public_x_accel(public: str, *, micro: bool) -> str:
+def location_public_x_accel(public: str, *, micro: bool, token: str = "") -> str:
     """The public path in X-Accel mode: ask the resolver (through the caching hop)."""
     upstream = "qproxy_decisions" if micro else "qproxy_resolver"
     return _lines(
@@ -307,7 +366,7 @@ def location_public_x_accel(public: str, *, micro: bool) -> str:
         f"^~ {public}",
         _lines(I2, f"proxy_pass http://{upstream}/resolve/;"),
         _proxy_common(I2),
-        _resolver_headers(I2),
+        _resolver_headers(I2, token),
     )
 
 
@@ -336,7 +395,14 @@ def location_local(root: str, *, cache: str, micro: bool) -> str:
     )
 
 
-def location_public_auth(public: str, root: str, *, cache: str, micro: bool) -> str:
+def location_public_auth(
+    public: str,
+    root: str,
+    *,
+    cache: str,
+    micro: bool,
+    inline: tuple[str, ...] = DEFAULT_INLINE_TYPES,
+) -> str:
     """The public path in auth_request mode: the subrequest's headers say where to look."""
     hot = (
         _open_files("# Hot files stay open (up to 1 s late for a replaced file).") if micro else ""
@@ -355,6 +421,7 @@ def location_public_auth(public: str, root: str, *, cache: str, micro: bool) -> 
             "auth_request_set $qp_url $upstream_http_x_qp_location;",
             "auth_request_set $qp_peer $upstream_http_x_qp_peer;",
             "auth_request_set $qp_disposition $upstream_http_x_qp_disposition;",
+            "auth_request_set $qp_cache $upstream_http_x_qp_cache_control;",
             f"root {_quote(root.rstrip('/') or '/')};",
             cache,
             "add_header Content-Disposition $qp_disposition;",
@@ -362,17 +429,19 @@ def location_public_auth(public: str, root: str, *, cache: str, micro: bool) -> 
             "# try_files does no '..' check: the resolver alone guards X-QP-Path.",
             "try_files $qp_path @qp_remote;",
         ),
+        _file_answer(),
+        _shown_types(inline),
         hot,
     )
 
 
-def location_auth(*, micro: bool) -> str:
+def location_auth(*, micro: bool, token: str = "") -> str:
     """The auth_request subrequest to the resolver (cached with ``--micro-cache``)."""
     return _location(
         "= /_qp/auth",
         _lines(I2, "internal;", "proxy_pass http://qproxy_resolver/auth;"),
         _proxy_common(I2),
-        _resolver_headers(I2),
+        _resolver_headers(I2, token),
         _micro_cache(I2) if micro else "",
         _lines(
             I2,
@@ -382,7 +451,7 @@ def location_auth(*, micro: bool) -> str:
     )
 
 
-def location_remote(redirect_max_age: int) -> str:
+def location_remote() -> str:
     """auth_request mode's branch when the file is not on this disk: retry, peer or S3."""
     return _location(
         "@qp_remote",
@@ -400,13 +469,14 @@ def location_remote(redirect_max_age: int) -> str:
             'if ($qp_url = "") {',
             "    return 404;",
             "}",
-            f'add_header Cache-Control "private, max-age={redirect_max_age}" always;',
+            "# The resolver's Cache-Control: short for a redirect, none for a private file.",
+            "add_header Cache-Control $qp_cache always;",
             "return 302 $qp_url;",
         ),
     )
 
 
-def location_retry() -> str:
+def location_retry(token: str = "") -> str:
     """A local file that vanished: ask the resolver again, which then answers from S3."""
     return _lines(
         I1, "# Asked again with X-QP-Retry: the resolver then answers from S3 (or 404)."
@@ -418,7 +488,7 @@ def location_retry() -> str:
             "proxy_pass http://qproxy_resolver$request_uri;",
         ),
         _proxy_common(I2),
-        _resolver_headers(I2),
+        _resolver_headers(I2, token),
         _lines(I2, "proxy_set_header X-QP-Retry 1;"),
     )
 
@@ -434,7 +504,14 @@ def location_peer() -> str:
         _lines(I2, "internal;", "proxy_pass http://$1/internal/blob/$2$is_args$args;"),
         _proxy_common(I2),
         _resolver_headers(I2),
-        _lines(I2, "add_header X-QProxy-Source peer always;"),
+        _lines(
+            I2,
+            "add_header X-QProxy-Source peer always;",
+            "# The peer sends them too; this location's own are the ones that count.",
+            "proxy_hide_header X-Content-Type-Options;",
+            "proxy_hide_header Content-Security-Policy;",
+        ),
+        _file_answer(links=False),
     )
 
 
@@ -449,6 +526,8 @@ def server_block(config: Config, options: NginxOptions) -> str:
     cache = f'add_header Cache-Control "private, max-age={options.local_cache_seconds}" always;'
     hop = _hop(options.micro_cache_listen)
     micro = options.micro_cache
+    # Sent to the resolver, which serves other hosts only /internal/blob without it.
+    token = config.admin_token
     out = [
         f"# qproxy node ({options.mode} mode) - generated by `qproxy nginx-config`\n",
         upstreams(app, resolver),
@@ -456,7 +535,7 @@ def server_block(config: Config, options: NginxOptions) -> str:
     if micro:
         out.append(micro_cache_zone(options.micro_cache_path))
     if micro and options.mode == "x-accel":
-        out.append(caching_hop(hop))
+        out.append(caching_hop(hop, token))
     out += [
         "server {\n",
         _lines(
@@ -473,21 +552,21 @@ def server_block(config: Config, options: NginxOptions) -> str:
         out.append(_offload(config))
     if options.mode == "x-accel":
         out += [
-            location_public_x_accel(public, micro=micro),
+            location_public_x_accel(public, micro=micro, token=token),
             "\n",
             location_local(root, cache=cache, micro=micro),
             "\n",
         ]
     else:
         out += [
-            location_public_auth(public, root, cache=cache, micro=micro),
+            location_public_auth(public, root, cache=cache, micro=micro, inline=config.inline),
             "\n",
-            location_auth(micro=micro),
+            location_auth(micro=micro, token=token),
             "\n",
-            location_remote(config.redirect_max_age),
+            location_remote(),
             "\n",
         ]
-    out += [location_retry(), "\n", location_peer(), "}\n"]
+    out += [location_retry(token), "\n", location_peer(), "}\n"]
     return "".join(out)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -27,9 +29,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import decision as render
-from qproxy.core.decision import MISSING, Decision, decide, should_ask_s3
+from qproxy.core.decision import (
+    FORBIDDEN,
+    MEDIA_CSP,
+    MISSING,
+    NOSNIFF,
+    UNKNOWN,
+    Decision,
+    Shown,
+    decide,
+    is_private,
+    should_ask_s3,
+    shown_as,
+)
 from qproxy.errors import ConfigError, InvalidKey, QProxyError, StateUnavailable
-from qproxy.headers import check_signature, signed_query
+from qproxy.headers import check_file_query, check_signature, signed_query
 from qproxy.keys import validate_key
 from qproxy.stores import Objects
 from qproxy.stores.s3 import RemoteStore
@@ -45,6 +59,23 @@ S3_TIMEOUT = 2.0
 S3_BACKOFF = 5.0
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+TOKEN_HEADER = b"x-qproxy-token"
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+_FORBIDDEN = (
+    403,
+    [(b"content-length", b"10"), (b"content-type", b"text/plain; charset=utf-8")],
+    b"forbidden\n",
+)
+
+
+def _loopback(host: str) -> bool:
+    if host in _LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_config(config: Config) -> None:
@@ -75,6 +106,8 @@ class Resolver:
         self._misses: dict[str, float] = {}
         self._s3_down_until = 0.0
         self.redirect_max_age = config.redirect_max_age
+        self.inline_types = config.inline
+        self.private_globs = config.private_globs
         # A cached redirect stays well inside its URL's life (URLs are reused for a tenth).
         self.redirect_ttl = str(min(10, config.presign_expires // 10)).encode()
         self.public_path = config.public_path
@@ -92,6 +125,10 @@ class Resolver:
             ("/internal/blob/", request_response(self.blob)),
             (self.public_path, public),
         ]
+        # Served to any host: signed blobs, and in standalone mode the files themselves.
+        self._open_handlers: set[Handler] = {self._prefixes[2][1]}
+        if self.standalone:
+            self._open_handlers.add(public)
         self._janitor_task: asyncio.Task[None] | None = None
 
     @functools.cached_property
@@ -121,34 +158,65 @@ class Resolver:
         if scope["method"] not in ("GET", "HEAD"):
             await _send(send, 405, [(b"content-length", b"0"), (b"allow", b"GET, HEAD")], b"")
             return
+        if handler not in self._open_handlers and not self._trusted(scope):
+            # Other hosts reach this port for /internal/blob (signed); the rest (records,
+            # metrics, presigned URLs for any key) is for nginx and operators.
+            await _send(send, *_FORBIDDEN)
+            return
         await handler(scope, receive, send)
+
+    def _trusted(self, scope: Scope) -> bool:
+        client = scope.get("client")
+        if not client or _loopback(client[0]):  # no client: a unix socket
+            return True
+        token = self.config.admin_token
+        if not token:
+            return False
+        for name, value in scope["headers"]:
+            if name == TOKEN_HEADER:
+                return hmac.compare_digest(value, token.encode())
+        return False
 
     # -- the decision ---------------------------------------------------------------------
 
-    async def counted(self, raw_key: str, *, method: str, retry: bool = False) -> Decision:
+    async def counted(
+        self, raw_key: str, *, method: str, retry: bool = False, query: str = ""
+    ) -> Decision:
         """:meth:`lookup` for a request, counted in /metrics."""
-        decision = await self.lookup(raw_key, method=method, retry=retry)
+        decision = await self.lookup(raw_key, method=method, retry=retry, query=query)
         self.counts[decision.kind] += 1
         return decision
 
-    async def lookup(self, raw_key: str, *, method: str = "GET", retry: bool = False) -> Decision:
+    async def lookup(
+        self, raw_key: str, *, method: str = "GET", retry: bool = False, query: str = ""
+    ) -> Decision:
         try:
             key = validate_key(raw_key)
         except InvalidKey:
             return MISSING
         stores = self.stores
 
-        def remote_url(name: str) -> str:
-            return stores.remote.url(name, method=method)
+        def remote_url(name: str, shown: Shown, private: bool) -> str:
+            return stores.remote.url(
+                name,
+                method=method,
+                content_type=shown.content_type,
+                disposition=shown.disposition,
+                private=private,
+            )
 
         def local_exists() -> bool:
             return stores.local.exists(key)
 
+        signed = bool(query) and check_file_query(self.config.secret, key, query, method=method)
         try:
             record = await self.reader.get(key)
         except StateUnavailable as exc:
             log.warning("resolver: Redis unavailable (%s); falling back to disk, then S3", exc)
-            return await anyio.to_thread.run_sync(self._degraded, key, method)
+            private = is_private(key, None, self.private_globs)
+            if private and not signed:
+                return FORBIDDEN
+            return await anyio.to_thread.run_sync(self._degraded, key, method, private)
         decision = decide(
             record,
             key,
@@ -156,11 +224,15 @@ class Resolver:
             remote_url=remote_url,
             local_exists=local_exists,
             redirect_max_age=self.redirect_max_age,
+            inline_types=self.inline_types,
+            private_globs=self.private_globs,
+            signed=signed,
             retry=retry,
         )
         if should_ask_s3(decision, record, retry=retry):
             name = key if record is None else record.object
-            decision = await anyio.to_thread.run_sync(self._from_s3, key, name, method)
+            private = is_private(key, record, self.private_globs)
+            decision = await anyio.to_thread.run_sync(self._from_s3, key, name, method, private)
         return decision
 
     def _s3_has(self, name: str) -> bool | None:
@@ -175,13 +247,14 @@ class Resolver:
             self._s3_down_until = time.monotonic() + S3_BACKOFF
             return None
 
-    def _from_s3(self, key: str, name: str, method: str) -> Decision:
+    def _from_s3(self, key: str, name: str, method: str, private: bool) -> Decision:
         now = time.monotonic()
         if self._misses.get(name, 0.0) > now:
             return MISSING
         found = self._s3_has(name)
         if found:
-            return Decision("redirect", key=key, url=self.stores.remote.url(name, method=method))
+            url = self._unknown_url(name, method, private)
+            return Decision("redirect", key=key, url=url, private=private)
         if found is None:
             return MISSING
         if len(self._misses) > 10_000:
@@ -189,19 +262,35 @@ class Resolver:
         self._misses[name] = now + 5.0  # recent misses are remembered briefly
         return MISSING
 
-    def _degraded(self, key: str, method: str) -> Decision:
+    def _degraded(self, key: str, method: str, private: bool) -> Decision:
         if self.stores.local.exists(key):
-            return Decision("local", key=key)
+            return Decision(
+                "local",
+                key=key,
+                content_type=UNKNOWN.content_type,
+                disposition=UNKNOWN.disposition,
+                private=private,
+            )
         if self._s3_has(key):
-            url = self.stores.remote.url(key, method=method)
-            return Decision("redirect", key=key, url=url, max_age=0)
+            url = self._unknown_url(key, method, private)
+            return Decision("redirect", key=key, url=url, max_age=0, private=private)
         return MISSING
 
-    def _signed(self, key: str) -> str:
-        return signed_query(self.config.secret, key)
+    def _unknown_url(self, name: str, method: str, private: bool) -> str:
+        """An S3 URL for a file without a record: nothing is known of it, so the safe way."""
+        return self.stores.remote.url(
+            name,
+            method=method,
+            content_type=UNKNOWN.content_type,
+            disposition=UNKNOWN.disposition,
+            private=private,
+        )
+
+    def _signed(self, decision: Decision) -> str:
+        return signed_query(self.config.secret, decision.key, version=decision.version)
 
     def x_accel(self, decision: Decision) -> tuple[int, render.RawHeaders, bytes]:
-        signed = self._signed(decision.key) if decision.kind == "peer" else ""
+        signed = self._signed(decision) if decision.kind == "peer" else ""
         return render.x_accel(decision, redirect_ttl=self.redirect_ttl, signed_query=signed)
 
     # -- the hot handlers (raw ASGI) ------------------------------------------------------
@@ -218,23 +307,28 @@ class Resolver:
         for name, value in scope["headers"]:
             if name == b"x-qp-retry":
                 retry = value == b"1"
-        decision = await self.counted(raw_key, method=scope["method"], retry=retry)
+        query = scope.get("query_string", b"").decode("latin-1")
+        decision = await self.counted(raw_key, method=scope["method"], retry=retry, query=query)
         await _send(send, *self.x_accel(decision))
 
     async def _auth(self, scope: Scope, receive: Receive, send: Send) -> None:
         asked = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        await _send(send, 200, await self.auth_answer(asked), b"")
+        status, headers = await self.auth_answer(asked)
+        await _send(send, status, headers, b"")
 
-    async def auth_answer(self, headers: Mapping[str, str]) -> render.RawHeaders:
+    async def auth_answer(self, headers: Mapping[str, str]) -> tuple[int, render.RawHeaders]:
         """The auth_request answer for the original request nginx describes."""
         original = headers.get("x-original-uri", "")
-        path = unquote(original.split("?", 1)[0])
+        raw_path, _, query = original.partition("?")
+        path = unquote(raw_path)
         if not path.startswith(self.public_path):
-            return render.AUTH_NOT_OURS
+            return 200, render.AUTH_NOT_OURS
         retry = headers.get("x-qp-retry") == "1"
         method = headers.get("x-original-method", "GET")
-        decision = await self.counted(path[len(self.public_path) :], method=method, retry=retry)
-        signed = self._signed(decision.key) if decision.kind == "peer" else ""
+        decision = await self.counted(
+            path[len(self.public_path) :], method=method, retry=retry, query=query
+        )
+        signed = self._signed(decision) if decision.kind == "peer" else ""
         return render.auth_answer(decision, redirect_ttl=self.redirect_ttl, signed_query=signed)
 
     # -- standalone (no nginx): the resolver sends the bytes itself -----------------------
@@ -242,22 +336,29 @@ class Resolver:
     async def _standalone_file(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         raw_key = scope["path"][len(self.public_path) :]
-        decision = await self.counted(raw_key, method=request.method)
+        query = scope.get("query_string", b"").decode("latin-1")
+        decision = await self.counted(raw_key, method=request.method, query=query)
         response: Response
         if decision.kind == "local":
             path = self.stores.local.path_for(decision.key)
-            if not path.is_file():
-                decision = await self.lookup(decision.key, method=request.method, retry=True)
+            if not self.stores.local.exists(decision.key):  # (a link is no stored file)
+                decision = await self.lookup(
+                    decision.key, method=request.method, retry=True, query=query
+                )
                 await _send(send, *self.x_accel(decision))
                 return
-            headers = {"Cache-Control": "private, max-age=60"}
+            headers = {
+                "Cache-Control": "private, max-age=60",
+                "X-Content-Type-Options": NOSNIFF,
+                "Content-Security-Policy": MEDIA_CSP,
+            }
             if decision.disposition:
                 headers["Content-Disposition"] = decision.disposition
             response = FileResponse(path, media_type=decision.content_type, headers=headers)
         elif decision.kind == "peer":
             url = (
                 f"http://{decision.peer}/internal/blob/{quote(decision.key, safe='/')}"
-                f"?{self._signed(decision.key)}"
+                f"?{self._signed(decision)}"
             )
             response = Response(
                 b"", status_code=302, headers={"Location": url, "Cache-Control": "no-store"}
@@ -283,19 +384,42 @@ class Resolver:
         return JSONResponse(record.as_dict())
 
     async def blob(self, request: Request) -> Response:
-        """A local file for another node's worker or nginx, behind a signed, expiring URL."""
+        """A local file for another node's worker or nginx, behind a signed, expiring URL
+        for one version of the key: a delete or a newer upload revokes it at once."""
         key = request.scope["path"][len("/internal/blob/") :]
         q = request.query_params
         try:
             validate_key(key)
         except InvalidKey:
             return PlainTextResponse("not found\n", status_code=404)
-        if not check_signature(self.config.secret, key, q.get("exp", ""), q.get("sig", "")):
+        version = q.get("v", "")
+        if not version.isdigit() or not check_signature(
+            self.config.secret, key, q.get("exp", ""), q.get("sig", ""), scope=f"v{version}"
+        ):
             return PlainTextResponse("forbidden\n", status_code=403)
+        shown = UNKNOWN
+        try:
+            record = await anyio.to_thread.run_sync(self.stores.state.get, key)
+        except StateUnavailable:
+            record = None  # Redis down: the signature alone vouches (for minutes at most)
+        else:
+            if record is None or record.state in ("deleted", "pending"):
+                return PlainTextResponse("not found\n", status_code=404)
+            if record.version != int(version):
+                return PlainTextResponse("not found\n", status_code=404)
+            shown = shown_as(record.content_type, record.filename, inline_types=self.inline_types)
         path = self.stores.local.path_for(key)
-        if not path.is_file():
+        if not self.stores.local.exists(key):  # (a link is no stored file)
             return PlainTextResponse("not found\n", status_code=404)
-        return FileResponse(path)
+        return FileResponse(
+            path,
+            media_type=shown.content_type,
+            headers={
+                "Content-Disposition": shown.disposition,
+                "X-Content-Type-Options": NOSNIFF,
+                "Content-Security-Policy": MEDIA_CSP,
+            },
+        )
 
     async def healthz(self, request: Request) -> Response:
         redis_ok = await anyio.to_thread.run_sync(self.stores.state.ping)

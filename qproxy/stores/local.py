@@ -22,7 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
-from qproxy.errors import InsufficientStorage, MalformedUpload, UploadTooLarge
+from qproxy.errors import (
+    InsufficientStorage,
+    MalformedUpload,
+    QProxyError,
+    UnsafePath,
+    UploadTooLarge,
+)
 from qproxy.keys import validate_key
 
 FILE_MODE = 0o644
@@ -33,6 +39,10 @@ WRITEBACK_STEP = 8 * 1024 * 1024
 # From this size on, a file's SHA-256 runs in a thread of its own, beside the writes.
 HASH_THREAD_FROM = 1024 * 1024
 _NODE_RE = re.compile(r"[^A-Za-z0-9._-]")
+# Every file qproxy creates or reads under the root: never through a symlink (a planted
+# link would make uploads land outside the root, or serve what it points to).
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -109,15 +119,16 @@ class Behind:
 class TempFile:
     """A file being written: counts its size and sha256 as the bytes stream in."""
 
-    def __init__(self, path: Path, *, create: bool = True) -> None:
+    def __init__(self, path: Path, *, create: bool = True, fd: int | None = None) -> None:
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
         self._hasher: Behind | None = None
         self._fh: IO[bytes] | None = None
         self._flushed = 0
-        if create:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        if create and fd is None:
+            fd = os.open(path, _NEW_FILE, FILE_MODE)
+        if fd is not None:
             os.fchmod(fd, FILE_MODE)
             self._fh = os.fdopen(fd, "wb", buffering=0)
 
@@ -127,7 +138,7 @@ class TempFile:
         the temp folder: hashed, made 0644 and flushed to stable storage here."""
         temp = cls(path, create=False)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # (in a checked folder)
         except OSError as exc:
             raise _storage_error(exc) from exc
         try:
@@ -214,7 +225,13 @@ class TempFile:
 
 
 class LocalStore:
-    """Files of one node under one root folder."""
+    """Files of one node under one root folder.
+
+    Every path below the root is walked from a handle of the root, one folder at a time,
+    without following symlinks (``openat`` with ``O_NOFOLLOW``): a link planted for a date
+    folder, ``.qp/tmp`` or a file is refused, never followed. The root itself may be a link
+    (the operator's choice).
+    """
 
     def __init__(self, root: str | os.PathLike[str], *, node_id: str = "node") -> None:
         self.root = Path(root).absolute()
@@ -222,17 +239,17 @@ class LocalStore:
         self.tmp_dir = self.root / PRIVATE / "tmp"
         # Where nginx writes raw bodies in offload mode (same filesystem: adopting is a rename).
         self.offload_dir = self.root / PRIVATE / "offload"
-        self.journal = Journal(
-            self.root / PRIVATE / "journal" / f"{_NODE_RE.sub('_', node_id)}.jsonl"
-        )
+        journal_name = f"{_NODE_RE.sub('_', node_id)}.jsonl"
+        self.journal = Journal(self.root / PRIVATE / "journal" / journal_name)
         self._ready = False
 
     def ensure(self) -> None:
-        """Create the root and private folders (idempotent)."""
+        """Create the root and private folders (idempotent); refuse links among them."""
         if self._ready:
             return
-        for folder in (self.root, self.root / PRIVATE, self.tmp_dir, self.journal.path.parent):
-            _makedir(folder)
+        _makedir(self.root)
+        for parts in ((PRIVATE,), (PRIVATE, "tmp"), (PRIVATE, "journal")):
+            os.close(self._folder(parts, create=True))
         self._ready = True
 
     def path_for(self, key: str) -> Path:
@@ -244,29 +261,94 @@ class LocalStore:
             raise ValueError("path outside the storage root")
         return path
 
+    # -- walking the tree by handles ------------------------------------------------------
+
+    def _folder(self, parts: tuple[str, ...] | list[str], *, create: bool = False) -> int:
+        """A handle of the folder ``root/parts...``, reached without following a link.
+
+        Raises FileNotFoundError if a folder is missing (and not ``create``),
+        :class:`UnsafePath` if one is a symlink or not a folder.
+        """
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts:
+                try:
+                    child = os.open(part, _DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, DIR_MODE, dir_fd=fd)
+                    child = os.open(part, _DIR, dir_fd=fd)
+                    os.fchmod(child, DIR_MODE)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafePath(
+                            f"{self.root.joinpath(*parts)}: a symlink or a file where a "
+                            "folder should be under the local root"
+                        ) from exc
+                    raise
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _parent(self, key: str, *, create: bool = False) -> tuple[int, str]:
+        """A handle of ``key``'s folder and the file's name in it."""
+        parts = validate_key(key).split("/")
+        return self._folder(parts[:-1], create=create), parts[-1]
+
+    # -- files ----------------------------------------------------------------------------
+
     def create_temp(self) -> TempFile:
         self.ensure()
         name = f"{time.time_ns():x}-{os.getpid()}-{os.urandom(6).hex()}"
         try:
-            return TempFile(self.tmp_dir / name)
+            folder = self._folder((PRIVATE, "tmp"), create=True)
+            try:
+                fd = os.open(name, _NEW_FILE, FILE_MODE, dir_fd=folder)
+            finally:
+                os.close(folder)
+            return TempFile(self.tmp_dir / name, fd=fd)
         except OSError as exc:
             raise _storage_error(exc) from exc
 
-    def adopt(self, body_file: str, *, max_size: int) -> TempFile:
-        """Take over a body nginx wrote to :attr:`offload_dir` (offload mode)."""
-        self.ensure()
+    def _offloaded(self, body_file: str) -> Path:
         src = Path(body_file)
         # nginx names its files itself; anything outside its folder is refused outright.
         real = Path(os.path.realpath(src))
         if not src.is_absolute() or real.parent != Path(os.path.realpath(self.offload_dir)):
             raise MalformedUpload("the offloaded body is not in the offload folder")
-        dest = self.tmp_dir / f"{time.time_ns():x}-{os.getpid()}-{os.urandom(6).hex()}"
+        return real
+
+    def open_offloaded(self, body_file: str) -> IO[bytes]:
+        """Read a body nginx wrote to :attr:`offload_dir` (a form posted to a raw path)."""
+        real = self._offloaded(body_file)
         try:
-            os.rename(real, dest)  # nginx's own cleanup then finds nothing to remove
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise MalformedUpload("the offloaded body is gone") from None
         except OSError as exc:
             raise _storage_error(exc) from exc
+        return os.fdopen(fd, "rb")
+
+    def adopt(self, body_file: str, *, max_size: int) -> TempFile:
+        """Take over a body nginx wrote to :attr:`offload_dir` (offload mode)."""
+        self.ensure()
+        real = self._offloaded(body_file)
+        name = f"{time.time_ns():x}-{os.getpid()}-{os.urandom(6).hex()}"
+        folder = self._folder((PRIVATE, "tmp"))
+        try:
+            os.rename(real, name, dst_dir_fd=folder)  # nginx's cleanup then finds nothing
+        except FileNotFoundError:
+            raise MalformedUpload("the offloaded body is gone") from None
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        finally:
+            os.close(folder)
+        dest = self.tmp_dir / name
         try:
             return TempFile.adopt(dest, max_size=max_size)
         except BaseException:
@@ -278,43 +360,123 @@ class LocalStore:
         """Move a closed temp file to its key's path, durably."""
         path = self.path_for(key)
         try:
-            _makedirs(path.parent, self.root)
-            os.replace(temp.path, path)
-            _fsync_dir(path.parent)
+            src = self._folder((PRIVATE, "tmp"))
+            try:
+                dst, name = self._parent(key, create=True)
+                try:
+                    os.replace(temp.path.name, name, src_dir_fd=src, dst_dir_fd=dst)
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
         except OSError as exc:
             raise _storage_error(exc) from exc
         return path
 
     def exists(self, key: str) -> bool:
+        """A regular file (not a link, not a folder) is stored under ``key``."""
         try:
-            return self.path_for(key).is_file()
-        except (ValueError, OSError):
+            folder, name = self._parent(key)
+        except (QProxyError, OSError):
             return False
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+        finally:
+            os.close(folder)
+
+    def size(self, key: str) -> int:
+        folder, name = self._parent(key)
+        try:
+            info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        finally:
+            os.close(folder)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileNotFoundError(key)
+        return info.st_size
 
     def open(self, key: str) -> IO[bytes]:
-        return open(self.path_for(key), "rb")
+        folder, name = self._parent(key)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(f"{key}: a symlink under the local root") from exc
+            raise
+        finally:
+            os.close(folder)
+        return os.fdopen(fd, "rb")
 
     def remove(self, key: str) -> bool:
         """Delete the local copy of ``key``; True if a file was removed."""
-        path = self.path_for(key)
+        parts = validate_key(key).split("/")
         try:
-            os.unlink(path)
+            folder = self._folder(parts[:-1])
         except FileNotFoundError:
             return False
+        try:
+            os.unlink(parts[-1], dir_fd=folder)  # (unlink never follows a link)
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(folder)
         # Tidy empty date folders, never the root itself.
-        parent = path.parent
-        while parent != self.root:
+        for depth in range(len(parts) - 1, 0, -1):
             try:
-                parent.rmdir()
+                parent = self._folder(parts[: depth - 1])
             except OSError:
                 break
-            parent = parent.parent
+            try:
+                os.rmdir(parts[depth - 1], dir_fd=parent)
+            except OSError:
+                break
+            finally:
+                os.close(parent)
         return True
 
-    def pending_files(self) -> Iterator[Path]:
-        """Temp files of requests still running (or of requests that died)."""
-        if self.tmp_dir.is_dir():
-            yield from self.tmp_dir.iterdir()
+    def pending(self) -> Iterator[tuple[str, float]]:
+        """Temp files of requests still running (or of requests that died): name, mtime."""
+        try:
+            folder = self._folder((PRIVATE, "tmp"))
+        except FileNotFoundError:
+            return
+        try:
+            with os.scandir(folder) as entries:
+                found = [
+                    (e.name, e.stat(follow_symlinks=False).st_mtime)
+                    for e in entries
+                    if e.is_file(follow_symlinks=False)
+                ]
+        finally:
+            os.close(folder)
+        yield from found
+
+    def pending_files(self) -> list[Path]:
+        """The paths of :meth:`pending`'s temp files."""
+        return [self.tmp_dir / name for name, _ in self.pending()]
+
+    def remove_temp(self, name: str) -> None:
+        folder = self._folder((PRIVATE, "tmp"))
+        try:
+            os.unlink(name, dir_fd=folder)
+        finally:
+            os.close(folder)
+
+    def stored_keys(self) -> Iterator[str]:
+        """Every stored key (regular files only; links and qproxy's own folder skipped)."""
+        for folder, dirs, files in os.walk(self.root):
+            if folder == str(self.root):
+                dirs[:] = [d for d in dirs if d != PRIVATE]
+            for name in files:
+                rel = os.path.relpath(os.path.join(folder, name), self.root)
+                try:
+                    key = validate_key(rel)
+                except QProxyError:
+                    continue
+                if self.exists(key):
+                    yield key
 
 
 class Journal:
@@ -328,7 +490,7 @@ class Journal:
 
     def append(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, separators=(",", ":"), sort_keys=True).encode() + b"\n"
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             fd = os.open(self.path, flags, 0o640)
             try:
@@ -359,20 +521,3 @@ def _makedir(path: Path) -> None:
         path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         path.mkdir(mode=DIR_MODE, exist_ok=True)
     os.chmod(path, DIR_MODE)
-
-
-def _makedirs(path: Path, root: Path) -> None:
-    missing = []
-    while path != root and not path.is_dir():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        _makedir(folder)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 ClientError = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 _NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+# How long a presigned URL for a private file lives (at most QPROXY_PRESIGN_EXPIRES).
+PRIVATE_URL_SECONDS = 60
 
 
 @contextlib.contextmanager
@@ -117,7 +119,7 @@ class RemoteStore:
         self._client = client
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._signed: dict[tuple[str, str], tuple[str, float]] = {}
+        self._signed: dict[tuple[str, str, str, str, int], tuple[str, float]] = {}
 
     @property
     def client(self) -> S3Client:
@@ -323,31 +325,49 @@ class RemoteStore:
                 Bucket=self.bucket, Key=upload.object_key, UploadId=upload.upload_id
             )
 
-    def url(self, key: str, *, method: str = "GET") -> str:
+    def url(
+        self,
+        key: str,
+        *,
+        method: str = "GET",
+        content_type: str = "",
+        disposition: str = "",
+        private: bool = False,
+    ) -> str:
         """Where to send a client: a presigned URL, or the public base + key.
 
-        A presigned URL signs its method, so HEAD needs its own.
+        A presigned URL signs its method, so HEAD needs its own. It also names the
+        Content-Type and Content-Disposition S3 answers with (``response-content-*``), so
+        the file is shown as the resolver decided, whatever the object was stored with.
         """
-        if self.config.redirect == "public":
+        # A private file never goes out by a public URL, and its presigned one is short.
+        if self.config.redirect == "public" and not private:
             base = (self.config.remote_base_url or "").rstrip("/")
             return f"{base}/{quote(self.object_key(key), safe='/')}"
         operation = "head_object" if method == "HEAD" else "get_object"
         # Signing costs ~100 us of CPU; a URL signed a moment ago is as good (it lives for
-        # presign_expires, redirects are cached for at most half of that), so reuse it for
+        # presign_expires, redirects are cached for at most half of it), so reuse it for
         # a tenth of its life.
         now = time.monotonic()
-        cached = self._signed.get((key, operation))
+        expires = (
+            min(self.config.presign_expires, PRIVATE_URL_SECONDS)
+            if private
+            else (self.config.presign_expires)
+        )
+        cache_key = (key, operation, content_type, disposition, expires)
+        cached = self._signed.get(cache_key)
         if cached is not None and cached[1] > now:
             return cached[0]
+        params = {"Bucket": self.bucket, "Key": self.object_key(key)}
+        if content_type:
+            params["ResponseContentType"] = content_type
+        if disposition:
+            params["ResponseContentDisposition"] = disposition
         with s3_errors(f"signing of {key}"):
-            url = self.client.generate_presigned_url(
-                operation,
-                Params={"Bucket": self.bucket, "Key": self.object_key(key)},
-                ExpiresIn=self.config.presign_expires,
-            )
+            url = self.client.generate_presigned_url(operation, Params=params, ExpiresIn=expires)
         if len(self._signed) >= 50_000:
             self._signed.clear()
-        self._signed[(key, operation)] = (url, now + self.config.presign_expires / 10)
+        self._signed[cache_key] = (url, now + expires / 10)
         return url
 
     def ensure_bucket(self) -> None:

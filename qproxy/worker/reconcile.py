@@ -7,7 +7,6 @@ then the node's journal and disk (what still has to go).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -84,11 +83,10 @@ def reconcile(stores: Stores) -> ReconcileReport:
             continue
         if stores.local.exists(key) and restore(stores, key, entry):
             report.from_journal += 1
-    for path in _local_files(stores):
-        key = path
+    for key in stores.local.stored_keys():
         if key in seen or key in remote_keys or state.get(key) is not None:
             continue
-        size = os.path.getsize(stores.local.path_for(key))
+        size = stores.local.size(key)
         entry = {
             "node": stores.config.node_id,
             "node_url": stores.config.node_url,
@@ -98,21 +96,6 @@ def reconcile(stores: Stores) -> ReconcileReport:
         if restore(stores, key, entry):
             report.from_disk += 1
     return report
-
-
-def _local_files(stores: Stores) -> list[str]:
-    root = stores.local.root
-    out = []
-    for folder, dirs, files in os.walk(root):
-        if folder == str(root):
-            dirs[:] = [d for d in dirs if d != ".qp"]
-        for name in files:
-            rel = os.path.relpath(os.path.join(folder, name), root)
-            try:
-                out.append(validate_key(rel))
-            except QProxyError:
-                continue
-    return out
 
 
 def _sha256(stores: Stores, key: str) -> str:

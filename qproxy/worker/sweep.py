@@ -116,13 +116,11 @@ def replay_journal(stores: Stores, *, now: float | None = None) -> int:
 def remove_dead_pending(stores: Stores, *, max_age: float, now: float) -> int:
     """Temp files nobody has written to for ``max_age``: their requests died."""
     removed = 0
-    for path in stores.local.pending_files():
-        try:
-            if path.stat().st_mtime < now - max_age:
-                path.unlink()
+    for name, mtime in stores.local.pending():
+        if mtime < now - max_age:
+            with contextlib.suppress(FileNotFoundError):
+                stores.local.remove_temp(name)
                 removed += 1
-        except FileNotFoundError:
-            continue
     return removed
 
 

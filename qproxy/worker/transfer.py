@@ -23,9 +23,10 @@ import httpx
 
 from qproxy.compose import Stores
 from qproxy.config import Config
+from qproxy.core.decision import shown_as
 from qproxy.core.record import FileRecord
 from qproxy.errors import LeaseLost, QProxyError, RemoteError, TransferRetry
-from qproxy.headers import content_disposition, signed_query
+from qproxy.headers import signed_query
 
 log = logging.getLogger("qproxy.tasks")
 
@@ -72,6 +73,8 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
         if attempts_left <= -3:
             return "conflict"
         return transfer(stores, key, attempts_left=attempts_left - 1)
+    # Stored the way it is served (public mode sends clients to the object as it is).
+    shown = shown_as(record.content_type, record.filename, inline_types=stores.config.inline)
     try:
         with _source(stores, record) as fh:
             stores.remote.store(
@@ -79,8 +82,8 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
                 fh,
                 size=record.size,
                 sha256=record.sha256,
-                content_type=record.content_type,
-                content_disposition=content_disposition(record.filename),
+                content_type=shown.content_type,
+                content_disposition=shown.disposition,
             )
     except LeaseLost:
         raise
@@ -214,7 +217,8 @@ def _source(stores: Stores, record: FileRecord) -> Iterator[IO[bytes]]:
         return
     if record.node == stores.config.node_id or not record.node_url:
         raise FileNotFoundError(f"local copy of {record.key} is missing on {record.node}")
-    url = f"{record.node_url.rstrip('/')}/internal/blob/{record.key}?{signed_query(stores.config.secret, record.key)}"
+    query = signed_query(stores.config.secret, record.key, version=record.version)
+    url = f"{record.node_url.rstrip('/')}/internal/blob/{record.key}?{query}"
     with tempfile.TemporaryFile(prefix="qproxy-pull-") as spool:
         with httpx.stream("GET", url, timeout=30) as response:
             if response.status_code != 200:

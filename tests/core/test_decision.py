@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from qproxy.config import DEFAULT_INLINE_TYPES
 from qproxy.core.decision import (
+    FORBIDDEN,
     MISSING,
     MISSING_ANSWER,
+    SAFE_TYPE,
     Decision,
+    Shown,
     auth_answer,
     decide,
     should_ask_s3,
+    shown_as,
     x_accel,
 )
 from qproxy.core.record import FileRecord, State
@@ -35,7 +40,7 @@ def run(
         rec,
         "k.txt",
         node_id="n1",
-        remote_url=lambda name: f"https://s3.example/{name}?sig",
+        remote_url=lambda name, shown, private: f"https://s3.example/{name}?sig",
         local_exists=lambda: exists,
         redirect_max_age=300,
         retry=retry,
@@ -125,17 +130,21 @@ def test_a_miss_is_one_prebuilt_404_never_cached() -> None:
 
 
 def test_auth_answers_carry_the_branch_in_x_qp_headers() -> None:
-    local = auth_answer(Decision("local", key="d/k.txt", disposition="inline"), redirect_ttl=b"10")
+    _, local = auth_answer(
+        Decision("local", key="d/k.txt", disposition="inline"), redirect_ttl=b"10"
+    )
     assert headers(local)["x-qp-path"] == "/d/k.txt"
     assert headers(local)["x-qp-disposition"] == "inline"
-    peer = auth_answer(
+    _, peer = auth_answer(
         Decision("peer", key="k", peer="h:1"), redirect_ttl=b"10", signed_query="s=1"
     )
     assert headers(peer)["x-qp-peer"] == "/_qp/peer/h:1/k?s=1"
-    remote = auth_answer(Decision("redirect", key="k", url="https://s3/k"), redirect_ttl=b"7")
+    _, remote = auth_answer(Decision("redirect", key="k", url="https://s3/k"), redirect_ttl=b"7")
     assert headers(remote)["x-qp-location"] == "https://s3/k"
     assert headers(remote)["x-accel-expires"] == "7"
-    missing = headers(auth_answer(MISSING, redirect_ttl=b"7"))
+    status, raw_missing = auth_answer(MISSING, redirect_ttl=b"7")
+    assert status == 200
+    missing = headers(raw_missing)
     assert not any(name.startswith("x-qp-") for name in missing)
     assert missing["x-accel-expires"] == "0"
 
@@ -147,3 +156,73 @@ def test_s3_is_asked_only_when_a_copy_may_be_there() -> None:
     assert not should_ask_s3(MISSING, gone, retry=True)
     assert not should_ask_s3(MISSING, record("pending"), retry=True)
     assert not should_ask_s3(Decision("local", key="k"), None, retry=False)
+
+
+# -- private files and what is shown inline -------------------------------------------------
+
+
+def test_private_files_need_a_signature() -> None:
+    private = FileRecord(key="k.txt", state="local", gen=1, node="n1", private=True)
+    assert decide_with(private, signed=False).kind == "forbidden"
+    allowed = decide_with(private, signed=True)
+    assert allowed.kind == "local" and allowed.private
+    status, raw, _ = x_accel(allowed, redirect_ttl=b"10")
+    assert status == 200 and headers(raw)["x-accel-expires"] == "0"  # never micro-cached
+    # By prefix, even with no record at all (Redis lost it).
+    assert decide_with(None, signed=False, private_globs=("k.*",)).kind == "forbidden"
+    status, raw, _ = x_accel(FORBIDDEN, redirect_ttl=b"10")
+    assert status == 403 and headers(raw)["x-accel-expires"] == "0"
+    assert auth_answer(FORBIDDEN, redirect_ttl=b"10")[0] == 403
+
+
+def test_private_redirects_ask_for_a_short_url_and_no_client_cache() -> None:
+    asked: list[bool] = []
+    remote = FileRecord(key="k.txt", state="remote", gen=1, private=True)
+    d = decide(
+        remote,
+        "k.txt",
+        node_id="n1",
+        remote_url=lambda name, shown, private: asked.append(private) or "https://s3/x",
+        local_exists=lambda: False,
+        redirect_max_age=300,
+        signed=True,
+    )
+    assert asked == [True] and d.max_age == 0 and d.private
+
+
+def decide_with(
+    rec: FileRecord | None, *, signed: bool, private_globs: tuple[str, ...] = ()
+) -> Decision:
+    return decide(
+        rec,
+        "k.txt",
+        node_id="n1",
+        remote_url=lambda name, shown, private: "https://s3/x",
+        local_exists=lambda: True,
+        redirect_max_age=300,
+        private_globs=private_globs,
+        signed=signed,
+    )
+
+
+@pytest.mark.parametrize(
+    ("ctype", "filename", "inline"),
+    [
+        ("image/png", "a.png", True),
+        ("video/mp4", "a.mp4", True),
+        ("application/pdf", "a.pdf", True),
+        ("text/plain", "a.txt", True),
+        ("text/html", "a.html", False),
+        ("image/svg+xml", "a.svg", False),
+        ("application/xml", "a.xml", False),
+        ("application/javascript", "a.js", False),
+        ("TEXT/HTML; charset=utf-8", "a", False),
+    ],
+)
+def test_only_allowlisted_types_are_shown_inline(ctype: str, filename: str, inline: bool) -> None:
+    shown = shown_as(ctype, filename, inline_types=DEFAULT_INLINE_TYPES)
+    if inline:
+        assert shown.content_type == ctype and shown.disposition.startswith("inline")
+    else:
+        assert shown == Shown(SAFE_TYPE, shown.disposition)
+        assert shown.disposition.startswith("attachment")

@@ -170,6 +170,10 @@ def test_nasty_filenames_and_types() -> None:
     assert clean_filename("\u00fcber caf\u00e9.txt") == "\u00fcber caf\u00e9.txt"
     assert clean_filename("C:\\Users\\me\\photo.jpg") == "photo.jpg"
     assert len(clean_filename("x" * 10000)) == 255
+    # Bidi overrides, zero-width and other invisible characters never reach a header.
+    assert clean_filename("invoice\u202egpj.exe") == "invoicegpj.exe"
+    assert clean_filename("a\u200bb\ufeffc\u2066d\u2028e\x85f.txt") == "abcdef.txt"
+    assert clean_filename("\U0001f600 ok.png") == "\U0001f600 ok.png"  # emoji are shown
     assert clean_content_type("text/html\r\nX-Evil: 1", "a.txt") == "text/plain"
     assert clean_content_type(None, "a.png") == "image/png"
     assert clean_content_type("application/octet-stream", "a.pdf") == "application/pdf"
@@ -210,3 +214,33 @@ def test_file_bytes_survive_boundary_lookalikes_at_every_chunk_size() -> None:
         events, rewritten = run(data, step)
         assert files_of(events) == {"k/1": payload, "k/2": b"\r\n"}, step
         assert form_of(rewritten) == {"file": ["k/1"], "t": ["after"], "f2": ["k/2"]}, step
+
+
+@pytest.mark.parametrize("step", [1, 7, 1000, 16 * 1024, 128 * 1024, 1 << 20])
+def test_part_header_limit_holds_at_every_feed_size(step: int) -> None:
+    # 10,000 headers in one part (~90 kB): refused whether it arrives byte by byte or whole.
+    headers = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
+    body = b"--" + B + b'\r\nContent-Disposition: form-data; name="t"\r\n' + headers
+    body += b"\r\nv\r\n--" + B + b"--\r\n"
+    rewriter = MultipartRewriter(B, max_body=1 << 30, max_parts=100, max_form_memory=1 << 20)
+    with pytest.raises(MalformedUpload, match="headers too long"):
+        for offset in range(0, len(body), step):
+            rewriter.feed(body[offset : offset + step])
+        rewriter.feed(b"")
+
+
+@pytest.mark.parametrize("name", ["Content-Disposition", "Content-Type"])
+def test_a_part_header_given_twice_is_refused(name: str) -> None:
+    second = (
+        b'Content-Disposition: form-data; name="b"'
+        if name == "Content-Disposition"
+        else b"Content-Type: text/html"
+    )
+    body = (
+        b"--" + B + b'\r\nContent-Disposition: form-data; name="a"; filename="x.bin"\r\n'
+        b"Content-Type: image/png\r\n" + second + b"\r\n\r\ndata\r\n--" + B + b"--\r\n"
+    )
+    rewriter = MultipartRewriter(B, max_body=1 << 20, max_parts=100, max_form_memory=1 << 20)
+    with pytest.raises(MalformedUpload, match="more than one"):
+        rewriter.feed(body)
+        rewriter.feed(b"")

@@ -11,6 +11,7 @@ from qproxy.core.upload import (
     Settle,
     UploadRequest,
     check_length,
+    drain_budget,
     plan,
     refusal,
 )
@@ -75,7 +76,7 @@ def test_refusals(request_: UploadRequest, error: type[Exception], status: int) 
         plan(request_, POLICY)
     answer = refusal(caught.value)  # type: ignore[arg-type]
     assert answer.status == status
-    assert dict(answer.headers)["Connection"] == "close"
+    assert "Connection" not in dict(answer.headers)  # hop-by-hop: PEP 3333 forbids it
     assert answer.body.endswith(b"\n") and int(dict(answer.headers)["Content-Length"]) == len(
         answer.body
     )
@@ -105,9 +106,15 @@ def test_offloaded_body_with_nginx_token() -> None:
 # -- Settle: the commit rule -----------------------------------------------------------------
 
 
+def looked() -> Settle:
+    settle = Settle()
+    settle.looked_at()
+    return settle
+
+
 def test_settled_before_the_first_byte_by_status() -> None:
     for status, outcome in ((200, "commit"), (303, "commit"), (400, "discard"), (500, "discard")):
-        settle = Settle()
+        settle = looked()
         settle.started(status)
         assert settle.sending() == outcome
         # Decided once: every later step has nothing to do.
@@ -118,7 +125,7 @@ def test_settled_before_the_first_byte_by_status() -> None:
 
 def test_a_later_status_wins_until_the_answer_leaves() -> None:
     # WSGI's start_response may be called again (with exc_info) before any byte is sent.
-    settle = Settle()
+    settle = looked()
     settle.started(200)
     settle.started(500)
     assert settle.sending() == "discard"
@@ -138,7 +145,7 @@ def test_an_app_that_raises_keeps_nothing() -> None:
     unsent.started(201)
     assert unsent.failed() == "discard"
     # Raising after the 2xx left changes nothing: the client was told its files are kept.
-    sent = Settle()
+    sent = looked()
     sent.started(201)
     assert sent.sending() == "commit"
     assert sent.failed() is None and sent.outcome == "commit"
@@ -146,6 +153,30 @@ def test_an_app_that_raises_keeps_nothing() -> None:
 
 def test_finished_without_a_status_keeps_nothing() -> None:
     assert Settle().finished() == "discard"
-    answered = Settle()
+    answered = looked()
     answered.started(204)
     assert answered.finished() == "commit"
+
+
+def test_files_the_app_never_looked_at_are_not_kept() -> None:
+    # A login wall: 302 without reading the body. Anyone could fill the disk through it.
+    wall = Settle()
+    wall.started(302)
+    assert wall.sending() == "discard"
+    ignored = Settle()
+    ignored.started(200)
+    assert ignored.finished() == "discard"
+
+
+def test_upload_paths_limit_where_uploads_are_taken() -> None:
+    only = Policy(POLICY.limits, upload_paths=("/upload", "/api/*"))
+    assert plan(req(content_type=MULTIPART), only) is not None
+    assert plan(req(path="/api/v1/photos", content_type=MULTIPART), only) is not None
+    assert plan(req(path="/login", content_type=MULTIPART), only) is None
+
+
+def test_drain_budget_never_passes_the_limit() -> None:
+    assert drain_budget(declared=10_000, received=0, max_body=5_000) == 0  # refused by length
+    assert drain_budget(declared=3_000, received=1_000, max_body=5_000) == 2_000
+    assert drain_budget(declared=None, received=1_000, max_body=5_000) == 4_000
+    assert drain_budget(declared=None, received=9_000, max_body=5_000) == 0

@@ -54,6 +54,7 @@ def test_top_level_help_lists_commands() -> None:
         ("demo", "--once"),
         ("sweep", "--stuck-after"),
         ("retry", "--all-failed"),
+        ("sign", "binds the"),
         ("delete", "404 at once"),
         ("reconcile", "FLUSHALL"),
         ("doctor", "Exit status 1"),
@@ -133,6 +134,22 @@ def test_resolver_refuses_to_start_without_a_bucket() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "qproxy: QPROXY_S3_BUCKET is not set: the resolver sends clients there once files "
-        "reach S3"
+        "qproxy: QPROXY_S3_BUCKET is not set: the resolver sends clients there once files reach S3"
     )
+
+
+def test_sign_prints_a_url_the_resolver_accepts() -> None:
+    from qproxy.config import Config
+    from qproxy.headers import check_file_query
+
+    env = {"QPROXY_SECRET": "cli-secret", "QPROXY_S3_BUCKET": "b"}
+    result = qproxy("sign", "private/a.pdf", "--expires", "60", env=env)
+    assert result.returncode == 0, result.stderr
+    path, _, query = result.stdout.strip().partition("?")
+    assert path == "/media/private/a.pdf"
+    assert check_file_query("cli-secret", "private/a.pdf", query, method="GET")
+    assert not check_file_query("cli-secret", "private/a.pdf", query, method="HEAD")
+    assert Config(secret="cli-secret").public_path == "/media/"
+    unsigned = qproxy("sign", "private/a.pdf", env={"QPROXY_SECRET": "", "QPROXY_S3_BUCKET": "b"})
+    assert unsigned.returncode == 2
+    assert "QPROXY_SECRET is not set" in unsigned.stderr

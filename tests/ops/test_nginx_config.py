@@ -179,8 +179,8 @@ LOCATIONS = {
     ),
     "auth, micro-cache": (nginx.location_auth(micro=True), ["proxy_cache qproxy_decisions;"]),
     "remote": (
-        nginx.location_remote(300),
-        ['if ($qp_url = "") {', "return 302 $qp_url;", "max-age=300"],
+        nginx.location_remote(),
+        ['if ($qp_url = "") {', "return 302 $qp_url;", "add_header Cache-Control $qp_cache"],
     ),
     "retry": (
         nginx.location_retry(),
@@ -196,6 +196,7 @@ SUPPORT = """
     set $qp_path "";
     set $qp_peer "";
     set $qp_url "";
+    set $qp_cache "";
     location = /_qp/auth { internal; return 200; }
     location @qp_remote { return 404; }
     location @qp_retry { return 404; }
@@ -240,3 +241,26 @@ def test_caching_hop_alone_passes_nginx_t(prefix: Path) -> None:
     conf.write_text(_alone("", prefix, hop=hop))
     result = nginx_t(conf, prefix)
     assert result.returncode == 0, result.stderr
+
+
+def test_offload_config_passes_nginx_t_on_a_fresh_root(prefix: Path) -> None:
+    root = prefix / "fresh" / "files"
+    env = {
+        **os.environ,
+        "QPROXY_LOCAL_ROOT": str(root),
+        "QPROXY_RAW_UPLOAD_PATHS": "/api/files/*",
+        "QPROXY_SECRET": "s",
+        "QPROXY_S3_BUCKET": "b",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "qproxy", "nginx-config", "--full", "--offload"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    conf = prefix / "nginx.conf"
+    conf.write_text(result.stdout)
+    checked = nginx_t(conf, prefix)
+    assert checked.returncode == 0, checked.stderr

@@ -15,6 +15,7 @@ from qproxy.compose import Stores
 from qproxy.dev.devstack import Stack, free_port
 from qproxy.headers import signed_query
 from qproxy.keys import generate_key
+from qproxy.lifecycle.files import delete
 from qproxy.worker.sweep import drop_local_copies
 from qproxy.worker.transfer import transfer
 from tests.conftest import NoQueue, put_local
@@ -94,6 +95,28 @@ def test_blob_urls_are_signed_and_expire(stack: Stack, quiet_node: Stores) -> No
         )
         assert client.get(f"/internal/blob/{key}").status_code == 403
         assert client.get("/internal/blob/..%2Fx?exp=1&sig=x").status_code == 404
+
+
+def test_a_blob_url_is_revoked_by_a_delete_or_a_newer_upload(
+    stack: Stack, quiet_node: Stores
+) -> None:
+    secret = quiet_node.config.secret
+    gone = put_local(quiet_node, b"deleted soon")
+    replaced = put_local(quiet_node, b"version one")
+    for client in client_for(stack):
+        gone_url = f"/internal/blob/{gone}?{signed_query(secret, gone)}"
+        assert client.get(gone_url).status_code == 200
+        assert delete(quiet_node, gone)
+        # The local copy is still there (the janitor drops it later): the URL is dead now.
+        assert quiet_node.local.exists(gone)
+        assert client.get(gone_url).status_code == 404
+        v1_url = f"/internal/blob/{replaced}?{signed_query(secret, replaced, version=1)}"
+        assert client.get(v1_url).status_code == 200
+        put_local(quiet_node, b"version two", key=replaced, replace=True)
+        assert quiet_node.state.get(replaced).version == 2  # type: ignore[union-attr]
+        assert client.get(v1_url).status_code == 404
+        v2_url = f"/internal/blob/{replaced}?{signed_query(secret, replaced, version=2)}"
+        assert client.get(v2_url).content == b"version two"
 
 
 def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> None:

@@ -6,7 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from qproxy.stores.local import HASH_THREAD_FROM, TempFile
+import pytest
+
+from qproxy.errors import UnsafePath
+from qproxy.stores.local import HASH_THREAD_FROM, LocalStore, TempFile
 
 
 def test_hash_of_a_large_file_written_from_a_reused_buffer(tmp_path: Path) -> None:
@@ -33,3 +36,67 @@ def test_discard_of_a_large_file_leaves_nothing(tmp_path: Path) -> None:
         temp.write(os.urandom(HASH_THREAD_FROM // 2))
     temp.discard()
     assert list(tmp_path.iterdir()) == []
+
+
+# -- symlinks under the root are refused, never followed -------------------------------------
+
+
+def _store(tmp_path: Path) -> tuple[LocalStore, Path]:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = LocalStore(tmp_path / "root")
+    store.ensure()
+    return store, outside
+
+
+def _temp(store: LocalStore, data: bytes = b"upload") -> TempFile:
+    temp = store.create_temp()
+    temp.write(data)
+    temp.close()
+    return temp
+
+
+def test_a_linked_date_folder_is_not_followed(tmp_path: Path) -> None:
+    store, outside = _store(tmp_path)
+    os.symlink(outside, store.root / "2026")
+    temp = _temp(store)
+    with pytest.raises(UnsafePath):
+        store.commit(temp, "2026/12/01/a.txt")
+    assert list(outside.iterdir()) == []
+
+
+def test_a_linked_temp_folder_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "root" / ".qp").mkdir(parents=True)
+    os.symlink(outside, tmp_path / "root" / ".qp" / "tmp")
+    store = LocalStore(tmp_path / "root")
+    with pytest.raises(UnsafePath):
+        store.create_temp()
+    assert list(outside.iterdir()) == []
+
+
+def test_a_planted_link_is_not_a_stored_file(tmp_path: Path) -> None:
+    store, outside = _store(tmp_path)
+    secret = outside / "secret.txt"
+    secret.write_text("not yours")
+    (store.root / "2026").mkdir()
+    os.symlink(secret, store.root / "2026" / "x.txt")
+    assert not store.exists("2026/x.txt")
+    with pytest.raises(UnsafePath):
+        store.open("2026/x.txt")
+    assert list(store.stored_keys()) == []
+    assert store.remove("2026/x.txt")  # removes the link itself
+    assert secret.read_text() == "not yours"
+
+
+def test_commit_open_remove_round_trip(tmp_path: Path) -> None:
+    store, _ = _store(tmp_path)
+    store.commit(_temp(store, b"bytes"), "2026/12/01/a.txt")
+    assert store.exists("2026/12/01/a.txt") and store.size("2026/12/01/a.txt") == 5
+    with store.open("2026/12/01/a.txt") as fh:
+        assert fh.read() == b"bytes"
+    assert list(store.stored_keys()) == ["2026/12/01/a.txt"]
+    assert store.remove("2026/12/01/a.txt")
+    assert not (store.root / "2026").exists()  # empty date folders tidied
+    assert not store.remove("2026/12/01/a.txt")

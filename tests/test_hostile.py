@@ -1,0 +1,301 @@
+"""Hostile input, as a stranger sends it: through nginx with the generated config, to the
+middleware under every server people run it on (WSGI: gunicorn sync and gthread, granian,
+waitress; ASGI: uvicorn, granian).
+
+The pass rule for every bad input: a 4xx (never a 5xx), nothing kept, and the next normal
+upload still works.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qproxy.compose import Stores
+from qproxy.dev.devstack import Stack
+from tests.conftest import _stack, needs_nginx, wait_state
+
+pytestmark = [needs_nginx]
+
+SERVERS = [
+    ("wsgi", "gunicorn-sync"),
+    ("wsgi", "gunicorn-gthread"),
+    ("wsgi", "granian"),
+    ("wsgi", "waitress"),
+    ("asgi", "uvicorn"),
+    ("asgi", "granian"),
+]
+BOUNDARY = "qphostile"
+
+
+@pytest.fixture(scope="module", params=SERVERS, ids=[f"{k}-{s}" for k, s in SERVERS])
+def site(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    kind, server = request.param
+    with _stack(
+        app=f"tests.hostile_apps:{kind}_app",
+        app_server=server,
+        QPROXY_RAW_UPLOAD_PATHS="/files/*",
+    ) as stack:
+        # Uploads stay local (served by nginx from the disk) unless a test lets the worker
+        # run: a worker quicker than the test would turn a local answer into a redirect.
+        stack.services["worker"].signal(signal.SIGSTOP)
+        try:
+            yield stack
+        finally:
+            stack.services["worker"].signal(signal.SIGCONT)
+
+
+def stored_files(stack: Stack) -> set[str]:
+    """Every file under the local root, temp files included (not the journal)."""
+    root = Path(stack.config.local_root)
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and "journal" not in p.parts
+    }
+
+
+def multipart(*parts: bytes) -> bytes:
+    return b"".join(b"--" + BOUNDARY.encode() + b"\r\n" + p + b"\r\n" for p in parts) + (
+        b"--" + BOUNDARY.encode() + b"--\r\n"
+    )
+
+
+def file_part(
+    data: bytes, filename: str = "a.bin", ctype: str = "application/octet-stream"
+) -> bytes:
+    return (
+        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        f"Content-Type: {ctype}\r\n\r\n"
+    ).encode() + data
+
+
+def post(stack: Stack, path: str, body: bytes, **headers: str) -> httpx.Response:
+    all_headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", **headers}
+    return httpx.post(stack.front + path, content=body, headers=all_headers, timeout=30)
+
+
+def raw_request(stack: Stack, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send bytes exactly as given (headers a client library would not send twice)."""
+    port = stack.ports["nginx"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode("latin-1") + b"\r\n" + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[-1]
+
+
+def normal_upload_works(stack: Stack) -> None:
+    r = post(stack, "/upload", multipart(file_part(b"still fine", "ok.txt", "text/plain")))
+    assert r.status_code == 201, r.text
+    (upload,) = r.json()["uploads"]
+    assert httpx.get(f"{stack.files_url}/media/{upload['key']}").content == b"still fine"
+
+
+# -- 2. stored XSS ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filename", "ctype"),
+    [
+        ("page.html", "application/octet-stream"),
+        ("page.html", "text/html"),
+        ("x.svg", "image/svg+xml"),
+        ("x.xml", "application/xml"),
+        ("noext", "text/html; charset=utf-8"),
+    ],
+)
+def test_active_content_is_never_served_inline(site: Stack, filename: str, ctype: str) -> None:
+    body = b"<html><script>alert(document.cookie)</script></html>"
+    r = post(site, "/upload", multipart(file_part(body, filename, ctype)))
+    assert r.status_code == 201, r.text
+    (upload,) = r.json()["uploads"]
+    got = httpx.get(f"{site.files_url}/media/{upload['key']}")
+    assert got.status_code == 200 and got.content == body
+    assert got.headers["content-disposition"].startswith("attachment")
+    assert got.headers["content-type"].split(";")[0] not in ("text/html", "image/svg+xml")
+    assert got.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in got.headers["content-security-policy"]
+
+
+def test_images_stay_inline_with_nosniff(site: Stack) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(64)
+    r = post(site, "/upload", multipart(file_part(png, "cat.png", "image/png")))
+    (upload,) = r.json()["uploads"]
+    got = httpx.get(f"{site.files_url}/media/{upload['key']}")
+    assert got.headers["content-type"] == "image/png"
+    assert got.headers["content-disposition"].startswith("inline")
+    assert got.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in got.headers["content-security-policy"]
+
+
+def test_s3_serves_active_content_as_an_attachment_too(site: Stack) -> None:
+    body = b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>"
+    r = post(site, "/upload", multipart(file_part(body, "x.svg", "image/svg+xml")))
+    (upload,) = r.json()["uploads"]
+    worker = site.services["worker"]
+    worker.signal(signal.SIGCONT)
+    try:
+        wait_state(Stores(site.config), upload["key"], "remote")
+    finally:
+        worker.signal(signal.SIGSTOP)
+    redirect = httpx.get(f"{site.files_url}/media/{upload['key']}")
+    assert redirect.status_code == 302
+    assert "response-content-disposition=attachment" in redirect.headers["location"]
+    from_s3 = httpx.get(redirect.headers["location"])
+    assert from_s3.content == body
+    assert from_s3.headers["content-disposition"].startswith("attachment")
+    assert from_s3.headers["content-type"] == "application/octet-stream"
+
+
+# -- 3. files the app never looked at --------------------------------------------------------
+
+
+def test_a_route_that_never_reads_its_body_keeps_nothing(site: Stack) -> None:
+    before = stored_files(site)
+    r = httpx.post(
+        site.front + "/login",
+        content=multipart(file_part(os.urandom(256 * 1024))),
+        headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+        follow_redirects=False,
+        timeout=30,
+    )
+    assert r.status_code == 302
+    time.sleep(0.2)
+    assert stored_files(site) - before == set()
+    normal_upload_works(site)
+
+
+# -- 1. headers read two ways ----------------------------------------------------------------
+
+
+def test_a_repeated_content_type_is_refused(site: Stack) -> None:
+    body = multipart(file_part(b"sneaky"))
+    head = (
+        "POST /upload HTTP/1.1\nHost: t\nConnection: close\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\nContent-Type: text/plain\n"
+        f"Content-Length: {len(body)}\n"
+    )
+    before = stored_files(site)
+    status, answer = raw_request(site, head, body)
+    assert status == 400, answer
+    assert stored_files(site) - before == set()
+    normal_upload_works(site)
+
+
+def test_a_repeated_part_disposition_is_refused(site: Stack) -> None:
+    part = (
+        b'Content-Disposition: form-data; name="file"; filename="a.bin"\r\n'
+        b'Content-Disposition: form-data; name="other"\r\n\r\nx'
+    )
+    r = post(site, "/upload", multipart(part))
+    assert r.status_code == 400, r.text
+
+
+# -- 5, 6, 7. refusals arrive as the 4xx they are, every time --------------------------------
+
+
+def _big_field() -> bytes:
+    return multipart(b'Content-Disposition: form-data; name="t"\r\n\r\n' + b"x" * (3 << 20))
+
+
+def _many_parts() -> bytes:
+    return multipart(*[b'Content-Disposition: form-data; name="f"\r\n\r\n1'] * 50_000)
+
+
+def _long_preamble() -> bytes:
+    return b"x" * (2 << 20) + multipart(file_part(b"late"))
+
+
+def _many_headers() -> bytes:
+    headers = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
+    return multipart(b'Content-Disposition: form-data; name="t"\r\n' + headers + b"\r\nv")
+
+
+@pytest.mark.parametrize(
+    ("make", "status"),
+    [(_big_field, 413), (_many_parts, 413), (_long_preamble, 400), (_many_headers, 400)],
+    ids=["10-MiB-field", "50k-parts", "long-preamble", "10k-part-headers"],
+)
+def test_early_refusals_are_the_4xx_every_time(site: Stack, make: object, status: int) -> None:
+    body = make()  # type: ignore[operator]
+    seen = [post(site, "/upload", body).status_code for _ in range(20)]
+    assert seen == [status] * 20
+    normal_upload_works(site)
+
+
+# -- 9. filenames -----------------------------------------------------------------------------
+
+
+def test_bidi_and_invisible_characters_never_reach_a_header(site: Stack) -> None:
+    r = post(site, "/upload", multipart(file_part(b"x", "invoice\u202egpj.exe", "text/plain")))
+    (upload,) = r.json()["uploads"]
+    assert upload["filename"] == "invoicegpj.exe"
+    got = httpx.get(f"{site.files_url}/media/{upload['key']}")
+    assert "%E2%80%AE" not in got.headers["content-disposition"]
+
+
+# -- 10. ranges ---------------------------------------------------------------------------------
+
+
+def test_a_flood_of_ranges_is_not_answered_range_by_range(site: Stack) -> None:
+    data = os.urandom(12_000)
+    r = post(site, "/upload", multipart(file_part(data, "r.txt", "text/plain")))
+    (upload,) = r.json()["uploads"]
+    ranges = ",".join(f"{i * 20}-{i * 20 + 1}" for i in range(600))
+    got = httpx.get(f"{site.files_url}/media/{upload['key']}", headers={"Range": f"bytes={ranges}"})
+    assert len(got.content) <= len(data)  # the whole file at most, never 600 parts
+    two = httpx.get(f"{site.files_url}/media/{upload['key']}", headers={"Range": "bytes=0-1,4-5"})
+    assert two.status_code == 206
+
+
+# -- 4. symlinks under the root -----------------------------------------------------------------
+
+
+def test_a_planted_link_is_never_served(site: Stack, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("server secret")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(secret, 0o644)
+    folder = Path(site.config.local_root) / "2026" / "06" / "01"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / f"{os.urandom(6).hex()}.txt"
+    os.symlink(secret, link)
+    try:
+        key = str(link.relative_to(site.config.local_root))
+        got = httpx.get(f"{site.files_url}/media/{key}")
+        assert got.status_code == 404 and b"server secret" not in got.content
+    finally:
+        link.unlink()
+
+
+@pytest.mark.parametrize(
+    ("filename", "ctype"), [("page.html", "text/html"), ("x.svg", "image/svg+xml")]
+)
+def test_active_content_is_an_attachment_in_both_nginx_modes(
+    any_stack: Stack, filename: str, ctype: str
+) -> None:
+    body = b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>"
+    r = httpx.post(any_stack.front + "/upload", files={"file": (filename, body, ctype)})
+    assert r.status_code == 201, r.text
+    (upload,) = r.json()["uploads"]
+    got = httpx.get(f"{any_stack.files_url}/media/{upload['key']}")
+    assert got.status_code == 200 and got.content == body
+    assert got.headers["content-type"] == "application/octet-stream"
+    assert got.headers["content-disposition"].startswith("attachment")
+    assert got.headers["x-content-type-options"] == "nosniff"
+    png = httpx.post(
+        any_stack.front + "/upload", files={"file": ("a.png", b"\x89PNG", "image/png")}
+    )
+    (image,) = png.json()["uploads"]
+    shown = httpx.get(f"{any_stack.files_url}/media/{image['key']}")
+    assert shown.headers["content-type"] == "image/png"
+    assert shown.headers["content-disposition"].startswith("inline")
