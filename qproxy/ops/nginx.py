@@ -392,6 +392,7 @@ def location_local(root: str, *, cache: str, micro: bool) -> str:
         _lines(
             I2, cache, "add_header X-QProxy-Source local always;", "error_page 404 = @qp_retry;"
         ),
+        _file_answer(),
     )
 
 

@@ -163,7 +163,14 @@ LOCATIONS = {
     ),
     "local": (
         nginx.location_local(ROOT_DIR, cache=CACHE, micro=False),
-        ["internal;", 'alias "/srv/qproxy files/";', "error_page 404 = @qp_retry;"],
+        [
+            "internal;",
+            'alias "/srv/qproxy files/";',
+            "error_page 404 = @qp_retry;",
+            "add_header X-Content-Type-Options nosniff always;",
+            "max_ranges 16;",
+            "disable_symlinks on from=$document_root;",
+        ],
     ),
     "local, micro-cache": (
         nginx.location_local(ROOT_DIR, cache=CACHE, micro=True),
@@ -171,7 +178,14 @@ LOCATIONS = {
     ),
     "public auth_request": (
         nginx.location_public_auth("/media/", ROOT_DIR, cache=CACHE, micro=False),
-        ["auth_request /_qp/auth;", "try_files $qp_path @qp_remote;"],
+        [
+            "auth_request /_qp/auth;",
+            "try_files $qp_path @qp_remote;",
+            "add_header X-Content-Type-Options nosniff always;",
+            "max_ranges 16;",
+            "disable_symlinks on from=$document_root;",
+            "default_type application/octet-stream;",
+        ],
     ),
     "auth": (
         nginx.location_auth(micro=False),
@@ -188,7 +202,11 @@ LOCATIONS = {
     ),
     "peer": (
         nginx.location_peer(),
-        ["internal;", "proxy_pass http://$1/internal/blob/$2$is_args$args;"],
+        [
+            "internal;",
+            "proxy_pass http://$1/internal/blob/$2$is_args$args;",
+            "add_header X-Content-Type-Options nosniff always;",
+        ],
     ),
 }
 # What a location refers to that lives outside it.
