@@ -15,7 +15,7 @@ from qproxy.compose import Stores
 from qproxy.dev.devstack import Stack, free_port
 from qproxy.headers import signed_query
 from qproxy.keys import generate_key
-from qproxy.lifecycle.files import delete
+from qproxy.lifecycle.files import delete, store
 from qproxy.worker.sweep import drop_local_copies
 from qproxy.worker.transfer import transfer
 from tests.conftest import NoQueue, put_local
@@ -132,6 +132,14 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
         queue=NoQueue(),
     )
     key = put_local(node2, b"bytes living on node 2")
+    page, image = generate_key("page.html"), generate_key("cat.png")
+    store(
+        node2,
+        [b"<script>alert(1)</script>"],
+        page,
+        {"filename": "page.html", "content_type": "text/html"},
+    )
+    store(node2, [b"\x89PNG"], image, {"filename": "cat.png", "content_type": "image/png"})
     stack.spawn(
         "resolver-node2",
         [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", str(port)],
@@ -161,6 +169,17 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
         assert served.status_code == 200
         assert served.content == b"bytes living on node 2"
         assert served.headers["x-qproxy-source"] == "peer"
+        # Shown from a peer as from this node's disk: active types as attachments.
+        html = httpx.get(f"{stack.files_url}/media/{page}")
+        assert html.content == b"<script>alert(1)</script>"
+        assert html.headers["content-type"] == "application/octet-stream"
+        assert html.headers["content-disposition"].startswith("attachment")
+        png = httpx.get(f"{stack.files_url}/media/{image}")
+        assert png.headers["content-type"] == "image/png"
+        assert png.headers["content-disposition"].startswith("inline")
+        for answer in (served, html, png):
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["content-security-policy"].endswith("sandbox")
         # A worker on node 1 pulls the file from node 2 over HTTP to move it to S3.
         assert not quiet_node.local.exists(key)
         assert transfer(quiet_node, key) == "remote"
@@ -169,6 +188,27 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
         )
     finally:
         stack.services.pop("resolver-node2").stop()
+
+
+def test_standalone_mode_shows_files_safely(stack: Stack, quiet_node: Stores) -> None:
+    page, image = generate_key("page.html"), generate_key("cat.png")
+    store(
+        quiet_node,
+        [b"<svg onload=alert(1)>"],
+        page,
+        {"filename": "x.svg", "content_type": "image/svg+xml"},
+    )
+    store(quiet_node, [b"\x89PNG"], image, {"filename": "cat.png", "content_type": "image/png"})
+    for client in client_for(stack, QPROXY_STANDALONE="1"):
+        svg = client.get(f"/media/{page}")
+        assert svg.content == b"<svg onload=alert(1)>"
+        assert svg.headers["content-type"] == "application/octet-stream"
+        assert svg.headers["content-disposition"].startswith("attachment")
+        png = client.get(f"/media/{image}")
+        assert png.headers["content-type"] == "image/png"
+        for answer in (svg, png):
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["content-security-policy"].endswith("sandbox")
 
 
 def test_public_path_at_the_root_leaves_the_service_routes_alone(
