@@ -349,6 +349,26 @@ def test_a_form_posted_to_a_raw_path_in_offload_mode(site: Stack) -> None:
     assert httpx.get(f"{site.files_url}/media/{upload['key']}").content == data
 
 
+def test_a_linked_date_folder_never_takes_an_upload(site: Stack, tmp_path: Path) -> None:
+    # Someone with access to the disk swapped today's folder for a link out of the root.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    today = Path(site.config.local_root) / time.strftime("%Y/%m/%d", time.gmtime())
+    today.mkdir(parents=True, exist_ok=True)
+    aside = today.with_name(today.name + ".real")
+    today.rename(aside)
+    os.symlink(outside, today)
+    try:
+        r = post(site, "/upload", multipart(file_part(b"where do I land?")))
+        assert r.status_code == 500  # not storable safely: refused, never followed
+        assert list(outside.iterdir()) == []
+        assert not any(name.startswith(".qp/tmp/") for name in stored_files(site))
+    finally:
+        today.unlink()
+        aside.rename(today)
+    normal_upload_works(site)
+
+
 # -- last: what the battery cost the server ------------------------------------------------
 
 

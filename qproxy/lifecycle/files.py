@@ -33,7 +33,11 @@ def commit(
     With ``enqueue=False`` the record stays ``local`` until :func:`enqueue` is called.
     """
     config = stores.config
-    stores.local.commit(temp, key)
+    try:
+        stores.local.commit(temp, key)
+    except BaseException:
+        temp.discard()  # (a planted link, a full disk: nothing is left behind)
+        raise
     record = {
         "node": config.node_id,
         "node_url": config.node_url,
