@@ -10,6 +10,7 @@ environment, read here and nowhere else.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import unicodedata
@@ -18,20 +19,23 @@ from typing import Any
 from urllib.parse import quote
 
 from django.conf import settings
+from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.base import File
 from django.core.files.storage import Storage
+from django.core.files.utils import validate_file_name
 from django.utils.deconstruct import deconstructible
 
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core.multipart import clean_content_type, clean_filename
 from qproxy.core.record import LOCAL_STATES, FileRecord
-from qproxy.errors import InvalidKey
+from qproxy.errors import InvalidKey, KeyExists
 from qproxy.keys import MAX_KEY_BYTES, validate_key
 from qproxy.lifecycle import files
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 META_ATTRIBUTE = "qproxy_meta"
+MAX_NAME_CHARS = 200
 
 
 def attach_meta(content: Any, **meta: Any) -> Any:
@@ -66,18 +70,38 @@ class QueuedStorage(Storage):
     # -- names ----------------------------------------------------------------------------
 
     def get_valid_name(self, name: str) -> str:
-        """An ASCII name qproxy accepts as a key (``Résumé 2026.pdf`` -> ``Resume_2026.pdf``)."""
-        ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-        cleaned = _UNSAFE.sub("_", ascii_name).strip("._") or "file"
-        return cleaned[:200]
+        """An ASCII name qproxy accepts as a key (``Résumé 2026.pdf`` -> ``Resume_2026.pdf``).
+
+        Raises SuspiciousFileOperation, as Django's storages do, when nothing usable is left.
+        """
+        ascii_name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+        cleaned = _UNSAFE.sub("_", ascii_name).strip("._")
+        if not cleaned:
+            raise SuspiciousFileOperation(f"Could not derive file name from {name!r}")
+        return _shorten(cleaned, MAX_NAME_CHARS)
 
     def get_available_name(self, name: str, max_length: int | None = None) -> str:
-        # Django's loop asks exists() until a name is free; exists() looks at Redis, the
-        # local disk and S3, so a name is never reused while any copy or record remains.
-        return super().get_available_name(self._key(name), max_length=max_length)
+        # Django's loop asks exists() until a name is free; exists() looks at Redis (pending
+        # reservations included), the local disk and S3, so a name is never reused while
+        # any copy or record remains. Truncation keeps the extension (and so the type).
+        key = self._key(name)
+        if max_length is not None and len(key) > max_length:
+            folder, _, leaf = key.rpartition("/")
+            room = max_length - (len(folder) + 1 if folder else 0)
+            if room < 1:
+                raise SuspiciousFileOperation(
+                    f"Storage can not find an available filename for {name!r}"
+                )
+            key = (folder + "/" if folder else "") + _shorten(leaf, room)
+        return super().get_available_name(key, max_length=max_length)
 
-    def _key(self, name: str) -> str:
-        key = name.replace("\\", "/").lstrip("/")
+    def _key(self, name: Any) -> str:
+        if name is None or name == "":
+            raise ValueError("a file name is needed")
+        text = os.fspath(name) if isinstance(name, os.PathLike) else str(name)
+        # Django's own rule for names: no absolute paths, no '..' (SuspiciousFileOperation).
+        validate_file_name(text, allow_relative_path=True)
+        key = text.replace("\\", "/").lstrip("/")
         try:
             return validate_key(key)
         except InvalidKey:
@@ -88,6 +112,17 @@ class QueuedStorage(Storage):
 
     def _save(self, name: str, content: File[Any]) -> str:
         key = self._key(name)
+        stores = self.stores
+        # The name is claimed before a byte is written: of two saves of one name (threads,
+        # processes, nodes) exactly one gets it, the other takes the next free name.
+        for _ in range(100):
+            try:
+                reserved = files.reserve(stores, key)
+                break
+            except KeyExists:
+                key = self.get_available_name(key)
+        else:
+            raise SuspiciousFileOperation(f"no free name for {name!r}")
         if hasattr(content, "seek") and getattr(content, "seekable", lambda: True)():
             content.seek(0)
         original = clean_filename(getattr(content, "name", None) or key.rsplit("/", 1)[-1])
@@ -96,17 +131,22 @@ class QueuedStorage(Storage):
             "content_type": clean_content_type(getattr(content, "content_type", None), key),
             "meta": getattr(content, META_ATTRIBUTE, {}),
         }
-        files.store(self.stores, content.chunks(), key, fields, enqueue=not self.delayed)
+        # Django's storages take text as UTF-8.
+        chunks = (c.encode("utf-8") if isinstance(c, str) else c for c in content.chunks())
+        files.store(stores, chunks, key, fields, enqueue=not self.delayed, reserved=reserved)
         return key
 
     def _open(self, name: str, mode: str = "rb") -> File[Any]:
         if "w" in mode or "a" in mode or "+" in mode:
             raise ValueError("QueuedStorage files are read-only; save() a new file instead")
         key = self._key(name)
+        return _StoredFile(self, key, self._stream(key))
+
+    def _stream(self, key: str) -> Any:
         stores = self.stores
         if stores.local.exists(key):
-            return File(stores.local.open(key), name=key)
-        return File(stores.remote.open(key), name=key)
+            return stores.local.open(key)
+        return stores.remote.open(key)
 
     def _record(self, name: str) -> FileRecord | None:
         return self.stores.state.get(self._key(name))
@@ -119,6 +159,8 @@ class QueuedStorage(Storage):
 
     def delete(self, name: str) -> None:
         """Mark deleted at once (404 from then on); every copy is removed in the background."""
+        if not name:
+            raise ValueError("The name must be given to delete().")
         files.delete(self.stores, self._key(name))
 
     def size(self, name: str) -> int:
@@ -145,13 +187,13 @@ class QueuedStorage(Storage):
         record = self._record(name)
         if record is None:
             raise FileNotFoundError(name)
-        return datetime.fromtimestamp(record.created, UTC)
+        return _when(record.created)
 
     def get_modified_time(self, name: str) -> datetime:
         record = self._record(name)
         if record is None:
             raise FileNotFoundError(name)
-        return datetime.fromtimestamp(record.updated or record.created, UTC)
+        return _when(record.updated or record.created)
 
     def get_accessed_time(self, name: str) -> datetime:
         return self.get_modified_time(name)
@@ -180,3 +222,35 @@ class QueuedStorage(Storage):
                 return True
             time.sleep(0.1)
         return False
+
+
+def _when(timestamp: float) -> datetime:
+    """As Django's storages answer: aware UTC with USE_TZ, naive local time without."""
+    return datetime.fromtimestamp(timestamp, UTC if settings.USE_TZ else None)
+
+
+def _shorten(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` characters, its extension kept."""
+    if len(name) <= limit:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem or len(ext) + 2 > limit:
+        return name[:limit]
+    return stem[: limit - len(ext) - 1] + "." + ext
+
+
+class _StoredFile(File):  # type: ignore[type-arg]
+    """A file of the storage that can be opened again (a FieldFile reopens it), from the
+    storage, never from a same-named file in the working directory."""
+
+    def __init__(self, storage: QueuedStorage, key: str, stream: Any) -> None:
+        super().__init__(stream, name=key)
+        self._storage = storage
+        self._key = key
+
+    def open(self, mode: str | None = None, *args: Any, **kwargs: Any) -> _StoredFile:
+        if not self.closed:
+            self.seek(0)
+        else:
+            self.file = self._storage._stream(self._key)
+        return self

@@ -19,6 +19,14 @@ from qproxy.stores.local import TempFile
 log = logging.getLogger("qproxy")
 
 
+def reserve(stores: Stores, key: str) -> int:
+    """Claim ``key`` before its bytes are written (a ``pending`` record): of two writers of
+    one name, across processes and nodes, exactly one gets it. Returns the record's
+    generation, for :func:`commit`'s ``reserved``; raises :class:`KeyExists` for the other.
+    """
+    return stores.state.create(key, "pending", {"node": stores.config.node_id})
+
+
 def commit(
     stores: Stores,
     temp: TempFile,
@@ -27,10 +35,13 @@ def commit(
     *,
     enqueue: bool = True,
     replace: bool = False,
+    reserved: int | None = None,
 ) -> None:
     """Make an accepted file durable, record it and queue its transfer.
 
     With ``enqueue=False`` the record stays ``local`` until :func:`enqueue` is called.
+    ``reserved`` is the generation :func:`reserve` returned: the record is then taken from
+    ``pending`` to ``local`` (the key is already this writer's) instead of created.
     """
     config = stores.config
     try:
@@ -50,7 +61,12 @@ def commit(
         record["hold"] = True  # the sweep leaves it alone until enqueue() is called
     stores.local.journal.append({"op": "commit", "key": key, "ts": time.time(), **record})
     try:
-        gen = stores.state.create(key, "local", record, replace=replace)
+        if reserved is None:
+            gen = stores.state.create(key, "local", record, replace=replace)
+        else:
+            gen = stores.state.transition(
+                key, "local", gen=reserved, from_states=("pending",), fields=record
+            )
         if enqueue:
             queue_transfer(stores, key, gen)
     except (QProxyError, OSError) as exc:
@@ -66,6 +82,7 @@ def store(
     *,
     enqueue: bool = True,
     replace: bool = False,
+    reserved: int | None = None,
 ) -> None:
     """Write ``chunks`` to a temp file and :func:`commit` it under ``key`` (the Django storage's
     ``save()``, ``qproxy put``). Nothing is left behind if the chunks fail."""
@@ -78,7 +95,7 @@ def store(
     except BaseException:
         temp.discard()
         raise
-    commit(stores, temp, key, fields, enqueue=enqueue, replace=replace)
+    commit(stores, temp, key, fields, enqueue=enqueue, replace=replace, reserved=reserved)
 
 
 def queue_transfer(stores: Stores, key: str, gen: int) -> None:

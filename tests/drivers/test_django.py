@@ -218,3 +218,136 @@ def test_deconstruct_for_migrations() -> None:
     path, args, kwargs = QueuedStorage(delayed=True, s3_prefix="img/").deconstruct()
     assert path == "qproxy.contrib.django.QueuedStorage"
     assert args == () and kwargs == {"delayed": True, "s3_prefix": "img/"}
+
+
+# -- Django's storage contract (issue: text, races, names, times, long names) ----------------
+
+
+def test_text_content_is_stored_as_utf8(storage_options: dict[str, str], tmp_path: Path) -> None:
+    from django.core.files.base import ContentFile, File
+
+    storage = make_storage(storage_options)
+    name = storage.save("notes/hello.txt", ContentFile("grüße\n"))
+    with storage.open(name) as fh:
+        assert fh.read() == "grüße\n".encode()
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("line one\nline two\n", encoding="utf-8")
+    with open(text_file, encoding="utf-8") as fh:
+        other = storage.save("notes/from-text-mode.txt", File(fh))
+    with storage.open(other) as fh:
+        assert fh.read() == b"line one\nline two\n"
+    with storage.open(storage.save("notes/io.txt", File(io.StringIO("io text")))) as fh:
+        assert fh.read() == b"io text"
+
+
+def _save_many(options: dict[str, str], count: int) -> list[tuple[str, str]]:
+    """Threads of one process saving one name at once: (name, sha256 of what each saved)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.core.files.base import ContentFile
+
+    storage = make_storage(options)
+
+    def one(i: int) -> tuple[str, str]:
+        data = os.urandom(20_000) + str(i).encode()
+        return storage.save("race/same.bin", ContentFile(data)), hashlib.sha256(data).hexdigest()
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+RACE_CHILD = """
+import json, os, sys
+import django
+from django.conf import settings
+settings.configure(USE_TZ=True, QPROXY={})
+django.setup()
+from tests.drivers.test_django import _save_many
+print(json.dumps(_save_many(json.loads(sys.argv[1]), 20)))
+"""
+
+
+def test_concurrent_saves_of_one_name_get_distinct_names(
+    stack: Stack, storage_options: dict[str, str]
+) -> None:
+    import hashlib
+    import json
+
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE_CHILD, json.dumps(storage_options)],
+            stdout=subprocess.PIPE,
+            env={**os.environ, **stack.env, "PYTHONPATH": str(Path(__file__).parents[2])},
+        )
+        for _ in range(2)
+    ]
+    saved = [pair for child in children for pair in json.loads(child.communicate(timeout=120)[0])]
+    assert all(child.returncode == 0 for child in children)
+    names = [name for name, _ in saved]
+    assert len(saved) == 40 and len(set(names)) == 40
+    storage = make_storage(storage_options)
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    for name, sha in saved:
+        assert storage.wait_remote(name), name
+        body = s3.get_object(Bucket="qproxy-dev", Key=name)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == sha, name
+        assert storage.stores.state.get(name).sha256 == sha
+
+
+@pytest.mark.parametrize("bad", ["../x.txt", "/etc/passwd", "a/../../b.txt", ".."])
+def test_suspicious_names_are_refused_as_django_refuses_them(
+    storage_options: dict[str, str], bad: str
+) -> None:
+    from django.core.exceptions import SuspiciousFileOperation
+
+    storage = make_storage(storage_options)
+    for call in (storage.exists, storage.delete, storage.get_available_name):
+        with pytest.raises(SuspiciousFileOperation):
+            call(bad)
+
+
+def test_names_behave_as_djangos_storages_do(storage_options: dict[str, str]) -> None:
+    from django.core.exceptions import SuspiciousFileOperation
+    from django.core.files.base import ContentFile
+
+    storage = make_storage(storage_options)
+    for empty in (None, ""):
+        with pytest.raises(ValueError, match="name must be given"):
+            storage.delete(empty)
+    with pytest.raises(SuspiciousFileOperation):
+        storage.get_valid_name("???")
+    name = storage.save(Path("paths") / "as-path.txt", ContentFile(b"pathlib"))
+    assert name == "paths/as-path.txt" and storage.exists(Path(name))
+    # A file opened from the storage opens again (a FieldFile reopens it) from the storage,
+    # not from a same-named file in the working directory.
+    fh = storage.open(name)
+    fh.close()
+    fh.open()
+    assert fh.read() == b"pathlib"
+    fh.close()
+
+
+def test_long_names_keep_their_extension(storage_options: dict[str, str]) -> None:
+    from django.core.files.base import ContentFile
+
+    storage = make_storage(storage_options)
+    long = "docs/" + "x" * 300 + ".pdf"
+    name = storage.save(long, ContentFile(b"%PDF"), max_length=100)
+    assert len(name) <= 100 and name.endswith(".pdf")
+    assert storage.stores.state.get(name).content_type == "application/pdf"
+
+
+def test_times_follow_use_tz(storage_options: dict[str, str]) -> None:
+    from django.core.files.base import ContentFile
+    from django.test import override_settings
+
+    storage = make_storage(storage_options)
+    name = storage.save("times/t.txt", ContentFile(b"t"))
+    assert storage.get_modified_time(name).tzinfo is not None
+    with override_settings(USE_TZ=False):
+        naive = storage.get_modified_time(name)
+        assert naive.tzinfo is None
+        import datetime
+
+        assert abs((datetime.datetime.now() - naive).total_seconds()) < 120
