@@ -177,6 +177,10 @@ class Config:
             raw = env.get("QPROXY_" + name.upper())
             if raw is not None and raw != "":
                 values[name] = _convert(name, raw)
+        if overrides is None and environ is None and env.get("DJANGO_SETTINGS_MODULE"):
+            # A Django project's settings.QPROXY holds in every process of it (the worker,
+            # the resolver, the CLI), as in the web process (qproxy.contrib.django).
+            overrides = _django_settings()
         for raw_name, value in (overrides or {}).items():
             name = raw_name.lower().removeprefix("qproxy_")
             if name not in _FIELDS:
@@ -194,6 +198,18 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _django_settings() -> Mapping[str, Any]:
+    try:
+        from django.conf import settings
+    except ImportError:
+        return {}
+    try:
+        return dict(getattr(settings, "QPROXY", {}))
+    except Exception as exc:  # the settings module does not import
+        module = os.environ.get("DJANGO_SETTINGS_MODULE")
+        raise ConfigError(f"DJANGO_SETTINGS_MODULE={module}: {exc}") from exc
 
 
 def _convert(name: str, value: Any) -> Any:

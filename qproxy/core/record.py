@@ -53,6 +53,7 @@ FIELDS = {
     "stale": "x",
     "meta": "M",
     "private": "P",
+    "keep": "k",
 }
 _LONG = {short.encode(): name.encode() for name, short in FIELDS.items()}
 
@@ -91,6 +92,9 @@ class FileRecord:
     version: int = 1
     hold: bool = False  # stored with delayed=True: transferred only when asked
     private: bool = False  # served only with a signed URL (qproxy.sign_url)
+    # Seconds the origin keeps its copy once verified in S3, when the file's writer asked
+    # for its own (QueuedStorage(keep_local_seconds=...)); None: the worker's setting.
+    keep: float | None = None
     stale: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +128,7 @@ class FileRecord:
             stale=tuple(n for n in get(b"stale", b"").decode().split(",") if n),
             meta=json.loads(h[b"meta"]) if get(b"meta") else {},
             private=get(b"private", b"0") == b"1",
+            keep=float(h[b"keep"]) if get(b"keep") else None,
         )
 
     @property

@@ -29,13 +29,16 @@ from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core.multipart import clean_content_type, clean_filename
 from qproxy.core.record import LOCAL_STATES, FileRecord
-from qproxy.errors import InvalidKey, KeyExists
+from qproxy.errors import ConfigError, InvalidKey, KeyExists
 from qproxy.keys import MAX_KEY_BYTES, validate_key
 from qproxy.lifecycle import files
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 META_ATTRIBUTE = "qproxy_meta"
 MAX_NAME_CHARS = 200
+# Options a storage may set for its own files: each file's record carries them, so the
+# worker and the resolver honour them too.
+PER_FILE_OPTIONS = frozenset({"keep_local_seconds"})
 
 
 def attach_meta(content: Any, **meta: Any) -> Any:
@@ -56,16 +59,35 @@ class QueuedStorage(Storage):
     def __init__(self, *, delayed: bool = False, **options: Any) -> None:
         self.delayed = delayed
         self.options = options
+        self._own_options = {k.lower().removeprefix("qproxy_") for k in options}
         self._stores: Stores | None = None
+        if options and settings.configured:
+            self._config()  # refuse an option only this process would honour, at once
 
     # -- settings at the edge -------------------------------------------------------------
 
     @property
     def stores(self) -> Stores:
         if self._stores is None:
-            overrides = {**getattr(settings, "QPROXY", {}), **self.options}
-            self._stores = Stores(Config.from_env(overrides=overrides))
+            self._stores = Stores(self._config())
         return self._stores
+
+    def _config(self) -> Config:
+        shared = Config.from_env(overrides=getattr(settings, "QPROXY", {}))
+        config = Config.from_env(overrides={**getattr(settings, "QPROXY", {}), **self.options})
+        for name in sorted(self.options):
+            field = name.lower().removeprefix("qproxy_")
+            if field in PER_FILE_OPTIONS or getattr(config, field) == getattr(shared, field):
+                continue
+            # The worker and the resolver build their settings from the environment and
+            # settings.QPROXY, not from this storage: such an option would hold in this
+            # process only (a worker writing without the prefix, say).
+            raise ConfigError(
+                f"QueuedStorage({field}=...) would hold in this process only: set "
+                f"QPROXY_{field.upper()} (or settings.QPROXY) for every process instead; "
+                f"per storage only {', '.join(sorted(PER_FILE_OPTIONS))} and delayed"
+            )
+        return config
 
     # -- names ----------------------------------------------------------------------------
 
@@ -126,11 +148,13 @@ class QueuedStorage(Storage):
         if hasattr(content, "seek") and getattr(content, "seekable", lambda: True)():
             content.seek(0)
         original = clean_filename(getattr(content, "name", None) or key.rsplit("/", 1)[-1])
-        fields = {
+        fields: dict[str, Any] = {
             "filename": original,
             "content_type": clean_content_type(getattr(content, "content_type", None), key),
             "meta": getattr(content, META_ATTRIBUTE, {}),
         }
+        if "keep_local_seconds" in self._own_options:
+            fields["keep"] = float(stores.config.keep_local_seconds)
         # Django's storages take text as UTF-8.
         chunks = (c.encode("utf-8") if isinstance(c, str) else c for c in content.chunks())
         files.store(stores, chunks, key, fields, enqueue=not self.delayed, reserved=reserved)

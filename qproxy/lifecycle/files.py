@@ -128,6 +128,7 @@ def restore(stores: Stores, key: str, entry: dict[str, Any]) -> bool:
             "content_type",
             "meta",
             "private",
+            "keep",
         )
         if name in entry
     }

@@ -108,7 +108,8 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
         log.warning("transfer %s failed, will retry: %s", key, error)
         raise TransferRetry(exc) from exc
 
-    keep = max(stores.config.keep_local_seconds, stores.config.drop_grace_seconds)
+    wanted = stores.config.keep_local_seconds if record.keep is None else record.keep
+    keep = max(wanted, stores.config.drop_grace_seconds)
     try:
         state.transition(
             key,

@@ -143,22 +143,25 @@ def test_makemigrations_check() -> None:
 def storage_options(stack: Stack) -> dict[str, str]:
     from django.conf import settings
 
-    if not settings.configured:
-        settings.configure(USE_TZ=True, QPROXY={})
-    import django
-
-    django.setup()
-    return {
+    options = {
         k.removeprefix("QPROXY_").lower(): v
         for k, v in stack.env.items()
         if k.startswith("QPROXY_")
     }
+    # The stack's settings as a project gives them: settings.QPROXY (which the worker and
+    # the resolver read too, with DJANGO_SETTINGS_MODULE set).
+    if not settings.configured:
+        settings.configure(USE_TZ=True, QPROXY=options)
+    import django
+
+    django.setup()
+    return options
 
 
 def make_storage(options: dict[str, str], **extra: Any) -> Any:
     from qproxy.contrib.django import QueuedStorage
 
-    return QueuedStorage(**options, **extra)
+    return QueuedStorage(**extra)
 
 
 def test_storage_api(stack: Stack, storage_options: dict[str, str]) -> None:
@@ -215,9 +218,9 @@ def test_delayed_storage_transfers_on_demand(storage_options: dict[str, str]) ->
 def test_deconstruct_for_migrations() -> None:
     from qproxy.contrib.django import QueuedStorage
 
-    path, args, kwargs = QueuedStorage(delayed=True, s3_prefix="img/").deconstruct()
+    path, args, kwargs = QueuedStorage(delayed=True, keep_local_seconds=60).deconstruct()
     assert path == "qproxy.contrib.django.QueuedStorage"
-    assert args == () and kwargs == {"delayed": True, "s3_prefix": "img/"}
+    assert args == () and kwargs == {"delayed": True, "keep_local_seconds": 60}
 
 
 # -- Django's storage contract (issue: text, races, names, times, long names) ----------------
@@ -261,7 +264,7 @@ RACE_CHILD = """
 import json, os, sys
 import django
 from django.conf import settings
-settings.configure(USE_TZ=True, QPROXY={})
+settings.configure(USE_TZ=True, QPROXY=json.loads(sys.argv[1]))
 django.setup()
 from tests.drivers.test_django import _save_many
 print(json.dumps(_save_many(json.loads(sys.argv[1]), 20)))
@@ -351,3 +354,45 @@ def test_times_follow_use_tz(storage_options: dict[str, str]) -> None:
         import datetime
 
         assert abs((datetime.datetime.now() - naive).total_seconds()) < 120
+
+
+def test_per_storage_options_hold_in_the_worker_too(
+    stack: Stack, storage_options: dict[str, str]
+) -> None:
+    from django.core.files.base import ContentFile
+
+    from qproxy.config import Config
+    from qproxy.errors import ConfigError
+
+    # Carried by each file's record: the worker drops the local copy at once (after the
+    # short grace), whatever its own QPROXY_KEEP_LOCAL_SECONDS.
+    storage = make_storage(storage_options, keep_local_seconds=0)
+    name = storage.save("keep/zero.bin", ContentFile(b"drop me soon"))
+    assert storage.wait_remote(name)
+    record = storage.stores.state.get(name)
+    assert record.keep == 0.0
+    grace = Config().drop_grace_seconds
+    drop_local_copies(storage.stores, now=time.time() + grace + 1)
+    assert not storage.stores.local.exists(name)
+    with storage.open(name) as fh:
+        assert fh.read() == b"drop me soon"  # from S3 now
+    # What the worker and the resolver would not know is refused, naming the option.
+    with pytest.raises(ConfigError, match=r"QueuedStorage\(s3_prefix=\.\.\.\)"):
+        make_storage(storage_options, s3_prefix="img/")
+
+
+def test_the_worker_reads_settings_qproxy(tmp_path: Path) -> None:
+    # With DJANGO_SETTINGS_MODULE set, every process (worker, resolver, qproxy CLI) takes
+    # settings.QPROXY over the environment, as the web process does.
+    (tmp_path / "qp_settings.py").write_text('QPROXY = {"S3_PREFIX": "from-django/"}\n')
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "qp_settings",
+        "PYTHONPATH": f"{tmp_path}:{Path(__file__).parents[2]}",
+        "QPROXY_S3_PREFIX": "from-env/",
+    }
+    code = "from qproxy.config import Config; print(Config.from_env().s3_prefix)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "from-django/", out.stderr
