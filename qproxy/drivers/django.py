@@ -23,6 +23,7 @@ from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.base import File
 from django.core.files.storage import Storage
 from django.core.files.utils import validate_file_name
+from django.dispatch import Signal
 from django.utils.deconstruct import deconstructible
 
 from qproxy.compose import Stores
@@ -39,6 +40,35 @@ MAX_NAME_CHARS = 200
 # Options a storage may set for its own files: each file's record carries them, so the
 # worker and the resolver honour them too.
 PER_FILE_OPTIONS = frozenset({"keep_local_seconds"})
+
+
+# Sent in the worker when a file reached S3 (or failed for good), with ``name`` (the key)
+# and ``record`` (a dict): set QPROXY_ON_TRANSFERRED / QPROXY_ON_FAILED to
+# "qproxy.contrib.django.send_file_transferred" / "...send_file_failed". The names of
+# django-queued-storage's signal, for its users.
+file_transferred = Signal()
+file_failed = Signal()
+
+
+def _setup_django() -> None:
+    from django.apps import apps
+
+    if not apps.ready:  # the worker: receivers live in the project's apps
+        import django
+
+        django.setup()
+
+
+def send_file_transferred(record: dict[str, Any]) -> None:
+    """A worker hook (QPROXY_ON_TRANSFERRED): sends :data:`file_transferred`."""
+    _setup_django()
+    file_transferred.send(sender=QueuedStorage, name=record["key"], record=record)
+
+
+def send_file_failed(record: dict[str, Any]) -> None:
+    """A worker hook (QPROXY_ON_FAILED): sends :data:`file_failed`."""
+    _setup_django()
+    file_failed.send(sender=QueuedStorage, name=record["key"], record=record)
 
 
 def attach_meta(content: Any, **meta: Any) -> Any:

@@ -33,7 +33,9 @@ def django_stack() -> Iterator[Stack]:
     env = {
         "DJANGO_SETTINGS_MODULE": SETTINGS,
         "QP_DJANGO_DB": str(folder / "db.sqlite3"),
-        "QPROXY_ON_TRANSFERRED": "tests.djangoproject.gallery.hooks.on_transferred",
+        # The signal django-queued-storage users know, sent from the worker's hook; the
+        # gallery app's receiver marks the photo (tests/djangoproject/gallery/apps.py).
+        "QPROXY_ON_TRANSFERRED": "qproxy.contrib.django.send_file_transferred",
     }
     try:
         with _stack(app="tests.djangoproject.wsgi:application", **env) as stack:
@@ -396,3 +398,22 @@ def test_the_worker_reads_settings_qproxy(tmp_path: Path) -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.strip() == "from-django/", out.stderr
+
+
+def test_the_storages_setting_builds_it(storage_options: dict[str, str]) -> None:
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage, storages
+    from django.test import override_settings
+
+    from qproxy.contrib.django import QueuedStorage
+
+    backend = {
+        "BACKEND": "qproxy.contrib.django.QueuedStorage",
+        "OPTIONS": {"delayed": True, "keep_local_seconds": 120},
+    }
+    with override_settings(STORAGES={"default": backend}):
+        storage = storages["default"]
+        assert isinstance(storage, QueuedStorage) and storage.delayed
+        name = default_storage.save("storages/setting.txt", ContentFile(b"via STORAGES"))
+        record = storage.stores.state.get(name)
+        assert record.state == "local" and record.hold and record.keep == 120.0
