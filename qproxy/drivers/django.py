@@ -86,8 +86,13 @@ class QueuedStorage(Storage):
     arguments override qproxy settings for this storage (``QueuedStorage(s3_prefix="img/")``).
     """
 
-    def __init__(self, *, delayed: bool = False, **options: Any) -> None:
+    def __init__(
+        self, *, delayed: bool = False, allow_overwrite: bool = False, **options: Any
+    ) -> None:
         self.delayed = delayed
+        # As FileSystemStorage(allow_overwrite=True): a save replaces the file of that name
+        # (a new version; static files), instead of taking the next free name.
+        self.allow_overwrite = allow_overwrite
         self.options = options
         self._own_options = {k.lower().removeprefix("qproxy_") for k in options}
         self._stores: Stores | None = None
@@ -133,6 +138,16 @@ class QueuedStorage(Storage):
         return _shorten(cleaned, MAX_NAME_CHARS)
 
     def get_available_name(self, name: str, max_length: int | None = None) -> str:
+        if self.allow_overwrite:
+            key = self._key(name)
+            if max_length is not None and len(key) > max_length:
+                raise SuspiciousFileOperation(
+                    f"Storage can not find an available filename for {name!r}"
+                )
+            return key
+        return self._free_name(name, max_length)
+
+    def _free_name(self, name: str, max_length: int | None = None) -> str:
         # Django's loop asks exists() until a name is free; exists() looks at Redis (pending
         # reservations included), the local disk and S3, so a name is never reused while
         # any copy or record remains. Truncation keeps the extension (and so the type).
@@ -165,16 +180,18 @@ class QueuedStorage(Storage):
     def _save(self, name: str, content: File[Any]) -> str:
         key = self._key(name)
         stores = self.stores
+        reserved: int | None = None
         # The name is claimed before a byte is written: of two saves of one name (threads,
         # processes, nodes) exactly one gets it, the other takes the next free name.
-        for _ in range(100):
+        for _ in range(0 if self.allow_overwrite else 100):
             try:
                 reserved = files.reserve(stores, key)
                 break
             except KeyExists:
-                key = self.get_available_name(key)
+                key = self._free_name(key)
         else:
-            raise SuspiciousFileOperation(f"no free name for {name!r}")
+            if not self.allow_overwrite:
+                raise SuspiciousFileOperation(f"no free name for {name!r}")
         if hasattr(content, "seek") and getattr(content, "seekable", lambda: True)():
             content.seek(0)
         original = clean_filename(getattr(content, "name", None) or key.rsplit("/", 1)[-1])
@@ -187,7 +204,15 @@ class QueuedStorage(Storage):
             fields["keep"] = float(stores.config.keep_local_seconds)
         # Django's storages take text as UTF-8.
         chunks = (c.encode("utf-8") if isinstance(c, str) else c for c in content.chunks())
-        files.store(stores, chunks, key, fields, enqueue=not self.delayed, reserved=reserved)
+        files.store(
+            stores,
+            chunks,
+            key,
+            fields,
+            enqueue=not self.delayed,
+            replace=self.allow_overwrite,
+            reserved=reserved,
+        )
         return key
 
     def _open(self, name: str, mode: str = "rb") -> File[Any]:
@@ -206,10 +231,18 @@ class QueuedStorage(Storage):
         return self.stores.state.get(self._key(name))
 
     def exists(self, name: str) -> bool:
+        if name in ("", ".", "/"):
+            return True  # the storage's root, as FileSystemStorage answers
         key = self._key(name)
         if self.stores.state.get(key) is not None:  # deleted ones too, until every copy is gone
             return True
-        return self.stores.local.exists(key) or self.stores.remote.exists(key)
+        if self.stores.local.exists(key) or self.stores.remote.exists(key):
+            return True
+        # A folder (collectstatic --clear asks): only for names without an extension, as
+        # finding one takes a scan of the records.
+        if "." not in key.rsplit("/", 1)[-1]:
+            return bool(self.stores.state.keys_under(key + "/", limit=1))
+        return False
 
     def delete(self, name: str) -> None:
         """Mark deleted at once (404 from then on); every copy is removed in the background."""
@@ -235,7 +268,19 @@ class QueuedStorage(Storage):
         raise NotImplementedError("QueuedStorage files may live in S3: open() them instead")
 
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
-        raise NotImplementedError("QueuedStorage cannot list directories")
+        """The folders and files directly under ``path`` (from the records: a scan, for
+        collectstatic and admin tools, not for request paths)."""
+        prefix = self._key(path).rstrip("/") + "/" if path not in ("", ".", "/") else ""
+        folders: set[str] = set()
+        names: list[str] = []
+        for key in self.stores.state.keys_under(prefix):
+            rest = key[len(prefix) :]
+            head, sep, _ = rest.partition("/")
+            if sep:
+                folders.add(head)
+            else:
+                names.append(rest)
+        return sorted(folders), names
 
     def get_created_time(self, name: str) -> datetime:
         record = self._record(name)

@@ -150,19 +150,30 @@ def restore(stores: Stores, key: str, entry: dict[str, Any]) -> bool:
 def delete(stores: Stores, key: str) -> bool:
     """Mark ``key`` deleted at once (the resolver answers 404 from now on) and remove its
     copies in the background: S3's by a worker, the local one by its node's janitor."""
-    record = stores.state.get(key)
-    if record is None:
-        return stores.local.remove(key) if stores.local.exists(key) else False
-    if record.state == "deleted":
-        return False
-    now = time.time()
-    stores.local.journal.append({"op": "delete", "key": key, "ts": now})
-    gen = stores.state.transition(
-        key,
-        "deleted",
-        gen=record.gen,
-        fields={"lease": "", "lease_until": ""},
-        drop=(record.node, now) if record.has_local else None,
-    )
-    stores.queue.enqueue_delete(key, gen)
-    return True
+    journalled = False
+    for _ in range(10):
+        record = stores.state.get(key)
+        if record is None:
+            return stores.local.remove(key) if stores.local.exists(key) else False
+        if record.state == "deleted":
+            return False
+        now = time.time()
+        if not journalled:  # before Redis, as every change of this node's files
+            stores.local.journal.append({"op": "delete", "key": key, "ts": now})
+            journalled = True
+        try:
+            gen = stores.state.transition(
+                key,
+                "deleted",
+                gen=record.gen,
+                fields={"lease": "", "lease_until": ""},
+                drop=(record.node, now) if record.has_local else None,
+            )
+        except LeaseLost:
+            # A worker moved the record meanwhile (queued -> transferring, say): the delete
+            # still wins, on the record as it is now. (The transfer's own compare-and-set
+            # then fails, and it removes the object it wrote.)
+            continue
+        stores.queue.enqueue_delete(key, gen)
+        return True
+    raise LeaseLost(f"{key}: the record kept changing; not deleted")

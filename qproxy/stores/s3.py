@@ -301,9 +301,14 @@ class RemoteStore:
                     yield obj["Key"][len(self.prefix) :]
 
     def open(self, key: str) -> IO[bytes]:
-        """A stream of the object's bytes."""
-        with s3_errors(f"get of {key}"):
-            answer = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
+        """A stream of the object's bytes (FileNotFoundError if there is no such object)."""
+        try:
+            with s3_errors(f"get of {key}"):
+                answer = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
+        except RemoteError as exc:
+            if _not_found(exc):
+                raise FileNotFoundError(key) from exc
+            raise
         return io.BufferedReader(_Body(answer["Body"]), 1024 * 1024)
 
     def delete(self, key: str) -> None:

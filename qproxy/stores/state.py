@@ -233,6 +233,23 @@ class StateStore:
                         break
         return found
 
+    def keys_under(self, prefix: str, *, limit: int = 100_000) -> list[str]:
+        """Keys that start with ``prefix`` and have a live record (not deleted, not still
+        being written), by a scan: for listings (``QueuedStorage.listdir``), not hot paths."""
+        start = len(self.prefix) + 2
+        found: list[str] = []
+        with redis_errors():
+            names = [
+                n.decode()[start:]
+                for n in self.redis.scan_iter(match=f"{self.prefix}f:{prefix}*", count=1000)
+            ]
+        for key, state in zip(names, self.states(names), strict=True):
+            if state is not None and state not in ("deleted", "pending"):
+                found.append(key)
+                if len(found) >= limit:
+                    break
+        return sorted(found)
+
     def count(self, state: State) -> int:
         with redis_errors():
             return int(self.redis.zcard(f"{self.prefix}s:{state}"))

@@ -175,7 +175,10 @@ def run_hook(stores: Stores, path: str, record: FileRecord | None) -> None:
 
 
 def purge(stores: Stores, key: str) -> str:
-    """Remove the S3 copy of a deleted file (and the local one, if it is on this host)."""
+    """Remove the S3 copies of a deleted file. The local copy is the origin's janitor's (a
+    drop scheduled at the delete): removing it here, from a record read before S3 answered,
+    could remove the file of a new upload of the same name (seen: collectstatic's delete
+    then save)."""
     state = stores.state
     record = state.get(key)
     if record is None:
@@ -185,9 +188,6 @@ def purge(stores: Stores, key: str) -> str:
     for name in (record.object, *record.stale):
         stores.remote.delete(name)
     fields: dict[str, Any] = {"has_remote": False}
-    if record.node == stores.config.node_id and stores.local.exists(key):
-        stores.local.remove(key)
-        fields["has_local"] = False
     for _ in range(5):
         try:
             state.transition(

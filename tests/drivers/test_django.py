@@ -417,3 +417,71 @@ def test_the_storages_setting_builds_it(storage_options: dict[str, str]) -> None
         name = default_storage.save("storages/setting.txt", ContentFile(b"via STORAGES"))
         record = storage.stores.state.get(name)
         assert record.state == "local" and record.hold and record.keep == 120.0
+
+
+STATIC_SETTINGS = """
+SECRET_KEY = "static"
+INSTALLED_APPS = ["django.contrib.staticfiles"]
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [{src!r}]
+USE_TZ = True
+STORAGES = {{
+    "default": {{"BACKEND": "qproxy.contrib.django.QueuedStorage"}},
+    "staticfiles": {{
+        "BACKEND": "tests.djangoproject.staticstorage.QueuedManifestStorage",
+        "OPTIONS": {{"allow_overwrite": True}},
+    }},
+}}
+"""
+
+
+def test_as_a_staticfiles_storage_with_a_manifest(
+    stack: Stack, storage_options: dict[str, str], tmp_path: Path
+) -> None:
+    """collectstatic overwrites changed files in place, keeps its manifest, and --clear
+    clears what it listed (listdir)."""
+    from qproxy.contrib.django import QueuedStorage
+
+    src = tmp_path / "src"
+    (src / "css").mkdir(parents=True)
+    prefix = f"static-{os.urandom(4).hex()}/"
+    (tmp_path / "static_settings.py").write_text(STATIC_SETTINGS.format(src=str(src)))
+    env = {
+        **os.environ,
+        **stack.env,
+        "QPROXY_S3_PREFIX": "",
+        "DJANGO_SETTINGS_MODULE": "static_settings",
+        "PYTHONPATH": f"{tmp_path}:{Path(__file__).parents[2]}",
+    }
+
+    def collectstatic(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "django", "collectstatic", "--noinput", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    storage = QueuedStorage()
+    css = src / "css" / "site.css"
+    css.write_text("body { color: red }")
+    collectstatic()
+    dirs, names = storage.listdir("css")
+    assert "site.css" in names and dirs == []
+    hashed = [n for n in names if n.startswith("site.") and n != "site.css"]
+    assert len(hashed) == 1
+    time.sleep(1.1)  # a newer source file (collectstatic compares modification times)
+    css.write_text("body { color: blue }")
+    os.utime(css)
+    collectstatic()
+    dirs, names = storage.listdir("css")
+    # Overwritten in place: no site_XXXXXXX.css beside it, and the new bytes under the name.
+    assert [n for n in names if n.startswith("site_")] == []
+    with storage.open("css/site.css") as fh:
+        assert fh.read() == b"body { color: blue }"
+    assert "staticfiles.json" in storage.listdir("")[1]
+    collectstatic("--clear")  # clears, then collects again
+    del prefix

@@ -246,9 +246,24 @@ def test_delete_removes_every_copy_and_then_the_record(stack: Stack, quiet_node:
     assert purge(quiet_node, key) == "deleted"  # what the worker's delete task runs
     s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
     assert s3.list_objects_v2(Bucket="qproxy-dev", Prefix=key).get("KeyCount") == 0
+    drop_local_copies(quiet_node)  # the local copy is the origin's janitor's
     assert not quiet_node.local.exists(key)
-    drop_local_copies(quiet_node)
     assert quiet_node.state.get(key) is None  # no copy left: the record goes too
+
+
+def test_a_late_purge_never_removes_a_new_upload_of_the_name(quiet_node: Stores) -> None:
+    """Deleted, then saved again under the same name before the delete task ran (what
+    collectstatic does): the purge and the janitor must leave the new file alone."""
+    from qproxy.worker.sweep import drop_local_copies
+    from qproxy.worker.transfer import purge
+
+    key = put_local(quiet_node, b"old")
+    assert delete(quiet_node, key)
+    put_local(quiet_node, b"new bytes", key=key)  # a new version of the deleted name
+    assert purge(quiet_node, key) == "queued"  # the delete task, late: nothing to remove
+    drop_local_copies(quiet_node)
+    with quiet_node.local.open(key) as fh:
+        assert fh.read() == b"new bytes"
 
 
 def test_janitor_losing_a_race_to_purge_still_lets_the_record_go(quiet_node: Stores) -> None:
