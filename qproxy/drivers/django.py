@@ -289,10 +289,13 @@ class QueuedStorage(Storage):
         return _when(record.created)
 
     def get_modified_time(self, name: str) -> datetime:
+        # When this version's bytes were written: the record's other changes (queued,
+        # transferring, remote) are not changes of the file (collectstatic compares this
+        # with its source files' times).
         record = self._record(name)
         if record is None:
             raise FileNotFoundError(name)
-        return _when(record.updated or record.created)
+        return _when(record.created)
 
     def get_accessed_time(self, name: str) -> datetime:
         return self.get_modified_time(name)
