@@ -57,7 +57,7 @@ test-django-current: system-deps
 	  [ -f $(NEWER_VENV)/.stamp ] || { $(NEWER_PYTHON) -m venv $(NEWER_VENV) && \
 	    $(NEWER_VENV)/bin/pip install -q -e '.[test]' && touch $(NEWER_VENV)/.stamp; }; \
 	  $(NEWER_VENV)/bin/python -c 'import django, sys; print(f"Django {django.__version__} on Python {sys.version.split()[0]}")'; \
-	  $(NEWER_VENV)/bin/pytest -q tests/drivers/test_django.py; \
+	  $(NEWER_VENV)/bin/pytest -q tests/drivers/test_django.py tests/drivers/test_django_suite.py; \
 	fi
 
 lint: $(STAMP)

@@ -10,13 +10,16 @@ environment, read here and nowhere else.
 
 from __future__ import annotations
 
+import io
 import os
+import posixpath
 import re
+import tempfile
 import time
 import unicodedata
 from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import quote
+from typing import IO, Any
+from urllib.parse import urljoin
 
 from django.conf import settings
 from django.core.exceptions import SuspiciousFileOperation
@@ -25,6 +28,7 @@ from django.core.files.storage import Storage
 from django.core.files.utils import validate_file_name
 from django.dispatch import Signal
 from django.utils.deconstruct import deconstructible
+from django.utils.encoding import filepath_to_uri
 
 from qproxy.compose import Stores
 from qproxy.config import Config
@@ -40,6 +44,8 @@ MAX_NAME_CHARS = 200
 # Options a storage may set for its own files: each file's record carries them, so the
 # worker and the resolver honour them too.
 PER_FILE_OPTIONS = frozenset({"keep_local_seconds"})
+_CHUNK = 1024 * 1024
+_FROM_SETTINGS = object()  # base_url not given: the public path qproxy serves
 
 
 # Sent in the worker when a file reached S3 (or failed for good), with ``name`` (the key)
@@ -83,13 +89,22 @@ class QueuedStorage(Storage):
 
     ``delayed=True`` stores files locally without queueing their transfer: call
     :meth:`transfer` when you want it (as with django-queued-storage). Other keyword
-    arguments override qproxy settings for this storage (``QueuedStorage(s3_prefix="img/")``).
+    arguments override qproxy settings for this storage, where every process can honour them
+    (``keep_local_seconds``; others are refused with a ConfigError naming them).
+    ``base_url`` is where its URLs point (default: ``QPROXY_PUBLIC_PATH``; a CDN in front,
+    say), as ``FileSystemStorage(base_url=...)``.
     """
 
     def __init__(
-        self, *, delayed: bool = False, allow_overwrite: bool = False, **options: Any
+        self,
+        *,
+        delayed: bool = False,
+        allow_overwrite: bool = False,
+        base_url: Any = _FROM_SETTINGS,
+        **options: Any,
     ) -> None:
         self.delayed = delayed
+        self._base_url = base_url
         # As FileSystemStorage(allow_overwrite=True): a save replaces the file of that name
         # (a new version; static files), instead of taking the next free name.
         self.allow_overwrite = allow_overwrite
@@ -100,6 +115,17 @@ class QueuedStorage(Storage):
             self._config()  # refuse an option only this process would honour, at once
 
     # -- settings at the edge -------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str | None:
+        url = self.stores.config.public_path if self._base_url is _FROM_SETTINGS else self._base_url
+        if url is not None and not str(url).endswith("/"):
+            url = f"{url}/"
+        return None if url is None else str(url)
+
+    @base_url.setter
+    def base_url(self, value: str | None) -> None:
+        self._base_url = value
 
     @property
     def stores(self) -> Stores:
@@ -139,13 +165,20 @@ class QueuedStorage(Storage):
 
     def get_available_name(self, name: str, max_length: int | None = None) -> str:
         if self.allow_overwrite:
-            key = self._key(name)
-            if max_length is not None and len(key) > max_length:
-                raise SuspiciousFileOperation(
-                    f"Storage can not find an available filename for {name!r}"
-                )
-            return key
+            # Django's own loop, as FileSystemStorage(allow_overwrite=True): the name as it
+            # is, cut to max_length (its extension kept).
+            return super().get_available_name(self._key(name), max_length=max_length)
         return self._free_name(name, max_length)
+
+    def is_name_available(self, name: str, max_length: int | None = None) -> bool:
+        if self.allow_overwrite:
+            return not (max_length and len(name) > max_length)
+        return bool(super().is_name_available(name, max_length=max_length))
+
+    def get_alternative_name(self, file_root: str, file_ext: str) -> str:
+        if self.allow_overwrite:
+            return f"{file_root}{file_ext}"
+        return str(super().get_alternative_name(file_root, file_ext))
 
     def _free_name(self, name: str, max_length: int | None = None) -> str:
         # Django's loop asks exists() until a name is free; exists() looks at Redis (pending
@@ -194,6 +227,20 @@ class QueuedStorage(Storage):
                 raise SuspiciousFileOperation(f"no free name for {name!r}")
         if hasattr(content, "seek") and getattr(content, "seekable", lambda: True)():
             content.seek(0)
+        # Django's storages take text as UTF-8.
+        chunks = (c.encode("utf-8") if isinstance(c, str) else c for c in content.chunks())
+        files.store(
+            stores,
+            chunks,
+            key,
+            self._fields(key, content),
+            enqueue=not self.delayed,
+            replace=self.allow_overwrite,
+            reserved=reserved,
+        )
+        return key
+
+    def _fields(self, key: str, content: Any) -> dict[str, Any]:
         original = clean_filename(getattr(content, "name", None) or key.rsplit("/", 1)[-1])
         fields: dict[str, Any] = {
             "filename": original,
@@ -201,31 +248,46 @@ class QueuedStorage(Storage):
             "meta": getattr(content, META_ATTRIBUTE, {}),
         }
         if "keep_local_seconds" in self._own_options:
-            fields["keep"] = float(stores.config.keep_local_seconds)
-        # Django's storages take text as UTF-8.
-        chunks = (c.encode("utf-8") if isinstance(c, str) else c for c in content.chunks())
+            fields["keep"] = float(self.stores.config.keep_local_seconds)
+        return fields
+
+    def _write(self, key: str, body: IO[bytes]) -> None:
+        """What ``open(name, "wb")`` wrote, saved under that very name on close (replacing
+        the file of that name, as writing to a path does)."""
+        chunks = iter(lambda: body.read(_CHUNK), b"")
         files.store(
-            stores,
+            self.stores,
             chunks,
             key,
-            fields,
+            self._fields(key, None),
             enqueue=not self.delayed,
-            replace=self.allow_overwrite,
-            reserved=reserved,
+            replace=True,
         )
-        return key
 
     def _open(self, name: str, mode: str = "rb") -> File[Any]:
-        if "w" in mode or "a" in mode or "+" in mode:
-            raise ValueError("QueuedStorage files are read-only; save() a new file instead")
         key = self._key(name)
-        return _StoredFile(self, key, self._stream(key))
+        if mode.replace("b", "").replace("t", "") not in ("r", "w"):
+            raise ValueError(
+                f"QueuedStorage opens files to read ('r', 'rb') or to write a whole "
+                f"new file ('w', 'wb'), not {mode!r}"
+            )
+        return _StoredFile(self, key, mode)
 
-    def _stream(self, key: str) -> Any:
+    def _stream(self, key: str) -> IO[bytes]:
+        """This version's bytes, from wherever they are: this node's disk, S3 (its versioned
+        object), or the origin node. FileNotFoundError for a deleted or reserved name."""
         stores = self.stores
-        if stores.local.exists(key):
-            return stores.local.open(key)
-        return stores.remote.open(key)
+        record = stores.state.get(key)
+        if record is None or record.state in ("deleted", "pending"):
+            raise FileNotFoundError(key)
+        if record.has_local and record.node == stores.config.node_id:
+            try:
+                return stores.local.open(key)
+            except FileNotFoundError:
+                pass  # dropped by the janitor since: in S3
+        if record.has_remote or record.state == "remote":
+            return stores.remote.open(record.object)
+        return files.open_copy(stores, record)
 
     def _record(self, name: str) -> FileRecord | None:
         return self.stores.state.get(self._key(name))
@@ -234,8 +296,11 @@ class QueuedStorage(Storage):
         if name in ("", ".", "/"):
             return True  # the storage's root, as FileSystemStorage answers
         key = self._key(name)
-        if self.stores.state.get(key) is not None:  # deleted ones too, until every copy is gone
-            return True
+        record = self.stores.state.get(key)
+        if record is not None:
+            # A deleted name is free at once, as after FileSystemStorage.delete(): a new save
+            # is a new version with its own S3 object, which no purge of the old one touches.
+            return record.state != "deleted"
         if self.stores.local.exists(key) or self.stores.remote.exists(key):
             return True
         # A folder (collectstatic --clear asks): only for names without an extension, as
@@ -260,9 +325,14 @@ class QueuedStorage(Storage):
         raise FileNotFoundError(name)
 
     def url(self, name: str | None) -> str:
-        if name is None:
-            raise ValueError("no name")
-        return self.stores.config.public_path + quote(self._key(name), safe="/")
+        # As FileSystemStorage.url: encoded, leading slashes removed (no //host URLs).
+        base = self.base_url
+        if base is None:
+            raise ValueError("This file is not accessible via a URL.")
+        url = filepath_to_uri(name)
+        if url is not None:
+            url = url.lstrip("/")
+        return urljoin(base, url)
 
     def path(self, name: str) -> str:
         raise NotImplementedError("QueuedStorage files may live in S3: open() them instead")
@@ -270,7 +340,8 @@ class QueuedStorage(Storage):
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """The folders and files directly under ``path`` (from the records: a scan, for
         collectstatic and admin tools, not for request paths)."""
-        prefix = self._key(path).rstrip("/") + "/" if path not in ("", ".", "/") else ""
+        folder = posixpath.normpath(os.fspath(path).replace("\\", "/"))
+        prefix = "" if folder in (".", "/") else self._key(folder) + "/"
         folders: set[str] = set()
         names: list[str] = []
         for key in self.stores.state.keys_under(prefix):
@@ -342,17 +413,46 @@ def _shorten(name: str, limit: int) -> str:
 
 
 class _StoredFile(File):  # type: ignore[type-arg]
-    """A file of the storage that can be opened again (a FieldFile reopens it), from the
-    storage, never from a same-named file in the working directory."""
+    """A file of the storage, opened to read (text modes as UTF-8) or to write a whole new
+    file (``w``, ``wb``: spooled to a temporary file, on disk past 1 MiB, and saved under its
+    name on close, replacing the file of that name as writing to a path does). It can be
+    opened again (a FieldFile reopens it), always from the storage, never from a
+    same-named file in the working directory."""
 
-    def __init__(self, storage: QueuedStorage, key: str, stream: Any) -> None:
-        super().__init__(stream, name=key)
+    def __init__(self, storage: QueuedStorage, key: str, mode: str) -> None:
         self._storage = storage
         self._key = key
+        self._body: IO[bytes] | None = None
+        super().__init__(None, name=key)
+        self._start(mode)
+
+    def _start(self, mode: str) -> None:
+        if "w" in mode:
+            self._body = body = tempfile.SpooledTemporaryFile(max_size=_CHUNK)  # noqa: SIM115
+            self.file = body if "b" in mode else io.TextIOWrapper(body, encoding="utf-8")
+        else:
+            stream = self._storage._stream(self._key)
+            self.file = stream if "b" in mode else io.TextIOWrapper(stream, encoding="utf-8")
+        self.mode = mode
 
     def open(self, mode: str | None = None, *args: Any, **kwargs: Any) -> _StoredFile:
-        if not self.closed:
+        if mode is None and not self.closed and self._body is None:
             self.seek(0)
-        else:
-            self.file = self._storage._stream(self._key)
+            return self
+        writing = self._body is not None
+        self.close()
+        self._start(mode or ("rb" if writing else self.mode))
         return self
+
+    def close(self) -> None:
+        body, self._body = self._body, None
+        file = self.file
+        if file is None:
+            return
+        try:
+            if body is not None and not file.closed:
+                file.flush()
+                body.seek(0)
+                self._storage._write(self._key, body)
+        finally:
+            file.close()

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import IO, Any
+
+import httpx
 
 from qproxy.compose import Stores
-from qproxy.errors import KeyExists, LeaseLost, QProxyError
+from qproxy.core.record import FileRecord
+from qproxy.errors import KeyExists, LeaseLost, QProxyError, RemoteError
+from qproxy.headers import signed_query
 from qproxy.stores.local import TempFile
 
 log = logging.getLogger("qproxy")
@@ -177,3 +182,28 @@ def delete(stores: Stores, key: str) -> bool:
         stores.queue.enqueue_delete(key, gen)
         return True
     raise LeaseLost(f"{key}: the record kept changing; not deleted")
+
+
+def open_copy(stores: Stores, record: FileRecord) -> IO[bytes]:
+    """The bytes of a file not yet in S3: this host's copy, or one pulled from its origin
+    node over signed HTTP into a temporary file (FileNotFoundError when there is none)."""
+    if stores.local.exists(record.key):
+        return stores.local.open(record.key)
+    if record.node == stores.config.node_id or not record.node_url:
+        raise FileNotFoundError(f"local copy of {record.key} is missing on {record.node}")
+    query = signed_query(stores.config.secret, record.key, version=record.version)
+    url = f"{record.node_url.rstrip('/')}/internal/blob/{record.key}?{query}"
+    spool = tempfile.TemporaryFile(prefix="qproxy-pull-")  # noqa: SIM115 (returned open)
+    try:
+        with httpx.stream("GET", url, timeout=30) as response:
+            if response.status_code != 200:
+                raise RemoteError(
+                    f"origin {record.node} answered {response.status_code} for {record.key}"
+                )
+            for chunk in response.iter_bytes(1024 * 1024):
+                spool.write(chunk)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool

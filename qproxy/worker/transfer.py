@@ -12,21 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import IO, Any
-
-import httpx
+from typing import Any
 
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core.decision import shown_as
 from qproxy.core.record import FileRecord
-from qproxy.errors import LeaseLost, QProxyError, RemoteError, TransferRetry
-from qproxy.headers import signed_query
+from qproxy.errors import LeaseLost, QProxyError, TransferRetry
+from qproxy.lifecycle import files
 
 log = logging.getLogger("qproxy.tasks")
 
@@ -76,7 +71,7 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
     # Stored the way it is served (public mode sends clients to the object as it is).
     shown = shown_as(record.content_type, record.filename, inline_types=stores.config.inline)
     try:
-        with _source(stores, record) as fh:
+        with files.open_copy(stores, record) as fh:
             stores.remote.store(
                 record.object,
                 fh,
@@ -207,26 +202,3 @@ def purge(stores: Stores, key: str) -> str:
         return "conflict"
     state.forget(key)
     return "deleted"
-
-
-@contextmanager
-def _source(stores: Stores, record: FileRecord) -> Iterator[IO[bytes]]:
-    """The file's bytes: from this host's disk, or pulled from the origin node."""
-    if stores.local.exists(record.key):
-        with stores.local.open(record.key) as fh:
-            yield fh
-        return
-    if record.node == stores.config.node_id or not record.node_url:
-        raise FileNotFoundError(f"local copy of {record.key} is missing on {record.node}")
-    query = signed_query(stores.config.secret, record.key, version=record.version)
-    url = f"{record.node_url.rstrip('/')}/internal/blob/{record.key}?{query}"
-    with tempfile.TemporaryFile(prefix="qproxy-pull-") as spool:
-        with httpx.stream("GET", url, timeout=30) as response:
-            if response.status_code != 200:
-                raise RemoteError(
-                    f"origin {record.node} answered {response.status_code} for {record.key}"
-                )
-            for chunk in response.iter_bytes(1024 * 1024):
-                spool.write(chunk)
-        spool.seek(0)
-        yield spool
