@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import re
 import secrets
+import string
 import time
 
 from werkzeug.utils import secure_filename
 
 from qproxy.errors import InvalidKey
+
+_ALPHABET = string.ascii_letters + string.digits
 
 MAX_KEY_BYTES = 1024
 _KEY_RE = re.compile(r"[A-Za-z0-9._\-/]+")
@@ -62,3 +65,12 @@ def generate_key(filename: str | None = None, *, now: float | None = None) -> st
     day = time.strftime("%Y/%m/%d", time.gmtime(now))
     token = secrets.token_urlsafe(18).replace("_", "x").replace("-", "z")
     return validate_key(f"{day}/{token}{extension_of(filename)}")
+
+
+def alternative_key(key: str) -> str:
+    """Another key like ``key`` for when it is taken: ``a/photo.jpg`` -> ``a/photo_k3x9qz1.jpg``
+    (seven random characters before the extension, as Django's storages do)."""
+    folder, slash, leaf = key.rpartition("/")
+    stem, dot, ext = leaf.partition(".") if not leaf.startswith(".") else (leaf, "", "")
+    suffix = "".join(secrets.choice(_ALPHABET) for _ in range(7))
+    return validate_key(f"{folder}{slash}{stem}_{suffix}{dot}{ext}")

@@ -65,3 +65,12 @@ def test_generated_keys_are_safe(filename: str | None, ext: str) -> None:
 
 def test_generated_keys_are_unique() -> None:
     assert len({generate_key("a.txt") for _ in range(2000)}) == 2000
+
+
+def test_alternative_key_keeps_folder_and_extensions() -> None:
+    from qproxy.keys import alternative_key
+
+    one, two = alternative_key("a/b/photo.tar.gz"), alternative_key("a/b/photo.tar.gz")
+    assert one != two
+    assert re.fullmatch(r"a/b/photo_[A-Za-z0-9]{7}\.tar\.gz", one)
+    assert re.fullmatch(r"\.env_[A-Za-z0-9]{7}", alternative_key(".env"))

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 import httpx
@@ -30,6 +30,29 @@ def reserve(stores: Stores, key: str) -> int:
     generation, for :func:`commit`'s ``reserved``; raises :class:`KeyExists` for the other.
     """
     return stores.state.create(key, "pending", {"node": stores.config.node_id})
+
+
+def reserve_free(stores: Stores, key: str, alternative: Callable[[str], str]) -> tuple[str, int]:
+    """:func:`reserve` ``key``, or the first free name ``alternative(key)`` gives when it is
+    taken (a writer racing for the same name gets another). Returns the name and the
+    reservation's generation."""
+    name = key
+    for _ in range(100):
+        try:
+            return name, reserve(stores, name)
+        except KeyExists:
+            name = alternative(key)
+    raise KeyExists(f"no free name like {key!r}")
+
+
+def release(stores: Stores, key: str, gen: int) -> bool:
+    """Give up a reservation whose bytes never came (the save failed, or died): the name is
+    free again. False if the record moved on meanwhile (it was committed after all)."""
+    try:
+        stores.state.transition(key, "deleted", gen=gen, from_states=("pending",))
+    except LeaseLost:
+        return False
+    return stores.state.forget(key)
 
 
 def commit(
@@ -90,15 +113,24 @@ def store(
     reserved: int | None = None,
 ) -> None:
     """Write ``chunks`` to a temp file and :func:`commit` it under ``key`` (the Django storage's
-    ``save()``, ``qproxy put``). Nothing is left behind if the chunks fail."""
-    stores.local.ensure()
-    temp = stores.local.create_temp()
+    ``save()``, ``qproxy put``). Nothing is left behind if the chunks fail: no temp file, and
+    the name ``reserved`` is free again."""
+    try:
+        stores.local.ensure()
+        temp = stores.local.create_temp()
+    except BaseException:
+        if reserved is not None:
+            release(stores, key, reserved)
+        raise
     try:
         for chunk in chunks:
             temp.write(chunk)
         temp.close()
     except BaseException:
         temp.discard()
+        if reserved is not None:
+            with contextlib.suppress(QProxyError):
+                release(stores, key, reserved)
         raise
     commit(stores, temp, key, fields, enqueue=enqueue, replace=replace, reserved=reserved)
 

@@ -144,20 +144,35 @@ def cmd_ls(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.compose import Stores
     from qproxy.core.multipart import clean_content_type, clean_filename
-    from qproxy.keys import generate_key, validate_key
-    from qproxy.lifecycle.files import store
+    from qproxy.keys import alternative_key, generate_key, validate_key
+    from qproxy.lifecycle.files import reserve_free, store
 
+    if args.replace and not args.key:
+        print("qproxy put: --replace needs --key (the file to replace)", file=sys.stderr)
+        return 2
     filename = clean_filename(os.path.basename(args.file))
-    key = validate_key(args.key) if args.key else generate_key(filename)
-    fields = {"filename": filename, "content_type": clean_content_type(None, filename)}
+    stores = Stores(_config())
     with open(args.file, "rb") as fh:
-        # With --key an existing file is replaced: a new version, served from now on.
+        reserved: int | None = None
+        if not args.key:
+            key = generate_key(filename)  # 144 random bits: never taken
+        elif args.replace:
+            key = validate_key(args.key)  # a new version of that file, served from now on
+        else:
+            # The name is claimed before a byte is written: of two writers of one name
+            # (processes, nodes) exactly one gets it, the other a name like it.
+            wanted = validate_key(args.key)
+            key, reserved = reserve_free(stores, wanted, alternative_key)
+            if key != wanted:
+                print(f"qproxy put: {wanted} exists; stored as {key}", file=sys.stderr)
+        fields = {"filename": filename, "content_type": clean_content_type(None, filename)}
         store(
-            Stores(_config()),
+            stores,
             iter(lambda: fh.read(1024 * 1024), b""),
             key,
             fields,
-            replace=bool(args.key),
+            replace=args.replace,
+            reserved=reserved,
         )
     print(key)
     return 0
@@ -349,7 +364,14 @@ def _parse_put(add: AddCommand) -> None:
     p = add("put", "store a local file as an upload would (prints its key)")
     p.add_argument("file", help="path of the file to store")
     p.add_argument(
-        "--key", help="use this key instead of a generated one (replaces a file stored under it)"
+        "--key",
+        help="store under this key instead of a generated one; if it is taken, under a key "
+        "like it (printed), unless --replace",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --key: replace the file stored under it (a new version)",
     )
     p.set_defaults(func=cmd_put)
 

@@ -20,7 +20,7 @@ from qproxy.compose import Stores
 from qproxy.core.record import FileRecord
 from qproxy.errors import LeaseLost, QProxyError
 from qproxy.keys import validate_key
-from qproxy.lifecycle.files import restore
+from qproxy.lifecycle.files import release, restore
 
 log = logging.getLogger("qproxy.sweep")
 
@@ -34,6 +34,7 @@ class SweepReport:
     dropped: int = 0
     pending_removed: int = 0
     requeued: int = 0
+    reservations_released: int = 0
     multipart_aborted: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -62,6 +63,8 @@ def sweep(
     if cluster:
         stuck = stores.config.stuck_seconds if stuck_after is None else stuck_after
         report.requeued = requeue_stuck(stores, older_than=now - stuck, now=now)
+        max_age = stores.config.pending_max_age if pending_max_age is None else pending_max_age
+        report.reservations_released = release_dead_reservations(stores, older_than=now - max_age)
         report.multipart_aborted = abort_stale_multipart(stores, now=now)
     return report
 
@@ -147,6 +150,22 @@ def requeue_stuck(stores: Stores, *, older_than: float, now: float, limit: int =
                 stores.queue.enqueue_delete(key, gen)
                 requeued += 1
     return requeued
+
+
+def release_dead_reservations(stores: Stores, *, older_than: float, limit: int = 1000) -> int:
+    """Names reserved (``pending``) before ``older_than`` whose bytes never came: the save
+    died (a killed process). Free them again. (A save killed after its file reached the
+    disk but before Redis heard of it left a journal entry: ``qproxy reconcile`` on that
+    node gives the file its record back.)"""
+    state = stores.state
+    released = 0
+    for key in state.keys_in_state("pending", older_than=older_than, limit=limit):
+        record = state.get(key)
+        if record is None or record.state != "pending":
+            continue
+        if release(stores, key, record.gen):
+            released += 1
+    return released
 
 
 def requeue(stores: Stores, record: FileRecord) -> bool:

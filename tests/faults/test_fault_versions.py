@@ -19,7 +19,7 @@ from tests.faults.helpers import fault_stack
 
 def put(stack: object, path: Path, key: str) -> None:
     subprocess.run(
-        [sys.executable, "-m", "qproxy", "put", str(path), "--key", key],
+        [sys.executable, "-m", "qproxy", "put", str(path), "--key", key, "--replace"],
         env={**os.environ, **stack.env},  # type: ignore[attr-defined]
         check=True,
         capture_output=True,

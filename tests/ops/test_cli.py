@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from qproxy.compose import Stores
 from qproxy.dev.devstack import Stack
+from tests.conftest import wait_state
 
 
 def qproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -153,3 +157,52 @@ def test_sign_prints_a_url_the_resolver_accepts() -> None:
     unsigned = qproxy("sign", "private/a.pdf", env={"QPROXY_SECRET": "", "QPROXY_S3_BUCKET": "b"})
     assert unsigned.returncode == 2
     assert "QPROXY_SECRET is not set" in unsigned.stderr
+
+
+def test_put_with_a_taken_key_takes_another_and_replace_replaces(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # Eight `qproxy put --key` of one key at once (processes, as on several hosts): the name
+    # is reserved before a byte is written, so each gets its own key and keeps its bytes.
+    wanted = f"cli/{os.urandom(4).hex()}/report.pdf"
+    sources = []
+    for i in range(8):
+        path = tmp_path / f"{i}.pdf"
+        path.write_bytes(f"version {i} ".encode() * 1000)
+        sources.append(path)
+    env = {**os.environ, **stack.env}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "qproxy", "put", str(p), "--key", wanted],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in sources
+    ]
+    keys = []
+    for run in runs:
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 0, err
+        keys.append(out.strip())
+    assert len(set(keys)) == 8 and wanted in keys
+    for key in keys:
+        if key != wanted:
+            assert re.fullmatch(r"cli/\w+/report_[A-Za-z0-9]{7}\.pdf", key), key
+    node = Stores(stack.config)
+    for path, key in zip(sources, keys, strict=True):
+        wait_state(node, key, "remote")
+        body = node.remote.open(node.state.get(key).object).read()  # type: ignore[union-attr]
+        assert body == path.read_bytes()
+    # A taken key is said on stderr; --replace makes a new version of it instead.
+    again = qproxy("put", str(sources[0]), "--key", wanted, env=stack.env)
+    assert again.returncode == 0 and again.stdout.strip() != wanted
+    assert f"{wanted} exists" in again.stderr
+    replaced = qproxy("put", str(sources[1]), "--key", wanted, "--replace", env=stack.env)
+    assert replaced.returncode == 0 and replaced.stdout.strip() == wanted
+    wait_state(node, wanted, "remote")
+    record = node.state.get(wanted)
+    assert record is not None and record.version == 2
+    assert node.remote.open(record.object).read() == sources[1].read_bytes()
+    assert qproxy("put", str(sources[0]), "--replace", env=stack.env).returncode == 2

@@ -32,7 +32,7 @@ def put(stack: Stack, key: str, data: bytes, tmp_path: object) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
     subprocess.run(
-        [sys.executable, "-m", "qproxy", "put", path, "--key", key],
+        [sys.executable, "-m", "qproxy", "put", path, "--key", key, "--replace"],
         env={**os.environ, **stack.env},
         check=True,
         capture_output=True,

@@ -7,14 +7,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import boto3
 import httpx
+import pytest
 
 import qproxy
 from qproxy.compose import Stores
 from qproxy.dev.devstack import Stack
-from qproxy.lifecycle.files import commit, enqueue
+from qproxy.lifecycle.files import commit, enqueue, reserve, store
 from qproxy.worker.sweep import requeue_stuck, sweep
 from qproxy.worker.transfer import transfer
 from tests.conftest import NoQueue, put_local, wait_state
@@ -98,8 +100,46 @@ def test_sweep_cli_reports(stack: Stack) -> None:
         "dropped",
         "pending_removed",
         "requeued",
+        "reservations_released",
         "multipart_aborted",
     }
+
+
+def test_a_failed_save_frees_its_name(stack: Stack) -> None:
+    node = Stores(stack.config, queue=NoQueue())
+    key = "reserved/" + os.urandom(4).hex() + ".txt"
+    gen = reserve(node, key)
+    temps_before = {name for name, _ in node.local.pending()}
+
+    def chunks() -> Iterator[bytes]:
+        yield b"half a file"
+        raise OSError("the source went away")
+
+    with pytest.raises(OSError, match="went away"):
+        store(node, chunks(), key, {"filename": "x.txt"}, reserved=gen)
+    assert node.state.get(key) is None  # free again: the next save takes it
+    assert {name for name, _ in node.local.pending()} <= temps_before  # no temp file left
+    assert not node.local.exists(key)
+
+
+def test_the_sweep_frees_names_whose_save_died(stack: Stack) -> None:
+    # A process killed between reserving a name and writing its bytes leaves a ``pending``
+    # record: the name would be taken for ever. The sweep frees it once it is older than
+    # QPROXY_PENDING_MAX_AGE, and leaves a younger one (a save still writing) alone.
+    node = Stores(stack.config, queue=NoQueue())
+    dead = "reserved/" + os.urandom(4).hex() + ".txt"
+    alive = "reserved/" + os.urandom(4).hex() + ".txt"
+    reserve(node, dead)
+    time.sleep(0.2)
+    reserve(node, alive)
+    born = node.state.get(alive).created  # type: ignore[union-attr]
+    # Swept as if 0.1 s after the younger one, with a maximum age of 0.15 s: the older one
+    # (reserved >= 0.2 s before it) is over the age, the younger one not.
+    report = sweep(node, now=born + 0.1, pending_max_age=0.15, local=False)
+    assert report.reservations_released >= 1
+    assert node.state.get(dead) is None
+    record = node.state.get(alive)
+    assert record is not None and record.state == "pending"
 
 
 def test_sweep_leaves_delayed_files_alone(stack: Stack) -> None:
