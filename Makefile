@@ -9,7 +9,8 @@ S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 
 .PHONY: bench test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
 
-## system-deps: Debian's redis-server, nginx, npm (for s3rver), and wrk + curl for the benchmarks
+## system-deps: Debian's redis-server, nginx, npm (for s3rver), iproute2 (the network namespaces of
+## tests/cluster), and wrk + curl for the benchmarks
 ## (installed when run as root and absent)
 system-deps:
 	@missing=""; \
@@ -18,6 +19,7 @@ system-deps:
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \

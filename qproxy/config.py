@@ -80,6 +80,7 @@ class Config:
     janitor_interval: float = 10.0
     sweep_interval: float = 60.0  # cluster-wide sweep (one node at a time, under a lock)
     stuck_seconds: float = 600.0  # local/queued this long without progress: queue again
+    failed_retry_seconds: float = 3600.0  # failed this long: the sweep tries once more
     pending_max_age: float = 3600.0  # temp files of requests that died, removed after this
     multipart_max_age: float = 86400.0  # incomplete S3 multipart uploads aborted after this
     drop_grace_seconds: float = 5.0

@@ -15,9 +15,11 @@ this tree once, where each store talks to its backend (``qproxy/stores/``), with
     ├── LengthRequired           411
     ├── UploadTooLarge           413
     ├── InsufficientStorage      507
+    ├── NodeDraining             503  this node is leaving (``qproxy drain``): upload elsewhere
     ├── UnsafePath               500  a symlink planted under the local root
     ├── StateUnavailable         503  Redis
     ├── RemoteError              502  S3
+    │   ├── OriginUnreachable         the web node holding a file does not answer
     │   └── VerificationFailed
     ├── LeaseLost                409  a compare-and-set found the record moved on
     ├── KeyExists                409  a record for the key is already there
@@ -85,6 +87,13 @@ class InsufficientStorage(QProxyError):
     status = 507
 
 
+class NodeDraining(QProxyError):
+    """This web node is being drained (``qproxy drain``): it takes no new uploads."""
+
+    status = 503
+    retry_after = 30
+
+
 class UnsafePath(QProxyError):
     """A symlink (or a file) stands where the local store expects a folder or a file of its
     own: refused, never followed."""
@@ -100,6 +109,11 @@ class RemoteError(QProxyError):
     """S3 refused or failed an operation."""
 
     status = 502
+
+
+class OriginUnreachable(RemoteError):
+    """The web node holding a file's only copy does not answer (down, hung, cut off, or
+    answering 5xx): waiting heals it, so a transfer keeps retrying."""
 
 
 class VerificationFailed(RemoteError):

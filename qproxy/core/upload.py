@@ -241,10 +241,13 @@ def refusal(exc: QProxyError) -> Answer:
     # No Connection header: it is hop-by-hop, which PEP 3333 forbids a WSGI app to send
     # (waitress turns such an answer into a 500). The adapters read the rest of the body
     # before answering instead (see drain_budget), so the connection stays usable.
-    headers = (
+    headers: tuple[tuple[str, str], ...] = (
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
     )
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers += (("Retry-After", str(retry_after)),)
     return Answer(exc.status, headers, body)
 
 

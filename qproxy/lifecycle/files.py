@@ -17,11 +17,15 @@ import httpx
 
 from qproxy.compose import Stores
 from qproxy.core.record import FileRecord
-from qproxy.errors import KeyExists, LeaseLost, QProxyError, RemoteError
+from qproxy.errors import KeyExists, LeaseLost, OriginUnreachable, QProxyError, RemoteError
 from qproxy.headers import signed_query
 from qproxy.stores.local import TempFile
 
 log = logging.getLogger("qproxy")
+
+# Pulling a file from its origin node: a short connect, and a read timeout that measures
+# progress (the longest wait for the next bytes), not the whole transfer.
+PULL_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
 
 
 def reserve(stores: Stores, key: str) -> int:
@@ -227,14 +231,22 @@ def open_copy(stores: Stores, record: FileRecord) -> IO[bytes]:
     url = f"{record.node_url.rstrip('/')}/internal/blob/{record.key}?{query}"
     spool = tempfile.TemporaryFile(prefix="qproxy-pull-")  # noqa: SIM115 (returned open)
     try:
-        with httpx.stream("GET", url, timeout=30) as response:
-            if response.status_code != 200:
-                raise RemoteError(
-                    f"origin {record.node} answered {response.status_code} for {record.key}"
-                )
+        with httpx.stream("GET", url, timeout=PULL_TIMEOUT) as response:
+            status = response.status_code
+            if status == 404:  # (the origin's record moved on, or its disk lost the file)
+                raise FileNotFoundError(f"origin {record.node} has no {record.key}")
+            if status >= 500:
+                raise OriginUnreachable(f"origin {record.node} answered {status}")
+            if status != 200:
+                raise RemoteError(f"origin {record.node} answered {status} for {record.key}")
             for chunk in response.iter_bytes(1024 * 1024):
                 spool.write(chunk)
         spool.seek(0)
+    except httpx.TransportError as exc:
+        spool.close()
+        raise OriginUnreachable(
+            f"origin {record.node} at {record.node_url} unreachable: {type(exc).__name__} {exc}"
+        ) from exc
     except BaseException:
         spool.close()
         raise

@@ -23,6 +23,8 @@ from qproxy.core.upload import (
     UploadRequest,
     plan,
 )
+from qproxy.errors import NodeDraining
+from qproxy.lifecycle import nodes
 from qproxy.lifecycle.files import commit
 from qproxy.stores.local import Behind, TempFile
 
@@ -53,6 +55,8 @@ def begin(stores: Stores, request: UploadRequest) -> Intake | None:
     taken = plan(request, policy_of(stores.config))
     if taken is None:
         return None
+    if nodes.is_draining(stores):
+        raise NodeDraining("this node is being drained: upload to another one")
     intake = Intake(stores, taken)
     if not taken.offloaded:
         return intake

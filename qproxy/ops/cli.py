@@ -35,12 +35,26 @@ def _default_server() -> str:
     return "granian"
 
 
+def listen_address(config: Config) -> str:
+    """Where the resolver listens by default: where nginx and, on a cluster, the other
+    nodes (at QPROXY_NODE_URL) can reach it."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(config.node_url).hostname or "127.0.0.1"
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return "127.0.0.1"
+    return "::" if ":" in host else "0.0.0.0"
+
+
 def cmd_resolver(args: argparse.Namespace, extra: list[str]) -> int:
     if args.standalone:
         os.environ["QPROXY_STANDALONE"] = "1"
     from qproxy.serve.resolver import check_config
 
-    check_config(_config())  # fail here, loudly, rather than in every worker
+    config = _config()
+    check_config(config)  # fail here, loudly, rather than in every worker
+    if args.host is None:
+        args.host = listen_address(config)
     if args.server == "granian":
         from granian.constants import Interfaces
         from granian.log import LogLevels
@@ -203,6 +217,62 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_nodes(args: argparse.Namespace, extra: list[str]) -> int:
+    import time
+
+    from qproxy.compose import Stores
+    from qproxy.lifecycle import nodes
+
+    stores = Stores(_config())
+    now = time.time()
+    found = nodes.listing(stores)
+    if args.json:
+        rows = [
+            {**vars(n), "age": round(n.age(now), 1), "gone": nodes.is_gone(stores, n, now)}
+            for n in found
+        ]
+        print(json.dumps(rows, sort_keys=True))
+        return 0
+    if not found:
+        print("no node has registered (a node registers when its resolver runs)")
+        return 0
+    print(f"{'NODE':20} {'URL':32} {'LAST SEEN':>10}  STATE")
+    for n in found:
+        status = "gone" if nodes.is_gone(stores, n, now) else "up"
+        if n.draining:
+            status += ", draining"
+        print(f"{n.id:20} {n.url:32} {n.age(now):>9.0f}s  {status}")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace, extra: list[str]) -> int:
+    from qproxy.compose import Stores
+    from qproxy.lifecycle import nodes
+
+    stores = Stores(_config())
+    node = stores.config.node_id
+    if args.cancel:
+        nodes.cancel_drain(stores)
+        print(f"{node}: takes uploads again")
+        return 0
+    last = [-1]
+
+    def progress(left: int) -> None:
+        if left != last[0]:
+            print(f"{node}: {left} file(s) not yet in S3", flush=True)
+            last[0] = left
+
+    if not nodes.drain(stores, timeout=args.timeout, progress=progress):
+        print(
+            f"qproxy drain: files of {node} still not in S3 after {args.timeout:.0f}s; the node "
+            "stays draining (run again to wait more; see qproxy ls --state failed)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{node}: drained and deregistered; it can be stopped (qproxy drain --cancel undoes)")
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.compose import Stores
     from qproxy.worker.sweep import retry_failed
@@ -308,7 +378,12 @@ AddCommand = Callable[..., argparse.ArgumentParser]
 
 def _parse_resolver(add: AddCommand) -> None:
     p = add("resolver", "run the resolver (the Starlette app nginx asks where each file is)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        help="address to listen on (default: 127.0.0.1 when QPROXY_NODE_URL is a loopback "
+        "URL, a single node; else 0.0.0.0, so that other nodes reach it there: from other "
+        "hosts it serves only signed /internal/blob URLs)",
+    )
     p.add_argument("--port", type=int, default=8300, help="port to listen on (default: 8300)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     p.add_argument(
@@ -408,6 +483,31 @@ def _parse_sweep(add: AddCommand) -> None:
     p.add_argument("--node-only", action="store_true", help="only this node's part")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+
+def _parse_nodes(add: AddCommand) -> None:
+    p = add(
+        "nodes",
+        "list the web nodes (id, URL, when last seen, draining)",
+        "List the web nodes registered in Redis: each node's resolver registers it every "
+        "janitor round. A node not seen for three rounds is shown as gone.",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_nodes)
+
+
+def _parse_drain(add: AddCommand) -> None:
+    p = add(
+        "drain",
+        "empty this node before it leaves: no new uploads, everything to S3, deregister",
+        "Run on a web node that is leaving: it refuses new uploads from now on (503 with "
+        "Retry-After, so a load balancer or client goes elsewhere), queues the transfer of "
+        "every file of this node not yet in S3 (held and failed ones too), waits until none "
+        "is left, then deregisters the node. Exit status 1 if files remain after --timeout.",
+    )
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default: 3600)")
+    p.add_argument("--cancel", action="store_true", help="take uploads again and register")
+    p.set_defaults(func=cmd_drain)
 
 
 def _parse_retry(add: AddCommand) -> None:
@@ -526,6 +626,8 @@ COMMANDS: tuple[Callable[[AddCommand], None], ...] = (
     _parse_put,
     _parse_sign,
     _parse_sweep,
+    _parse_nodes,
+    _parse_drain,
     _parse_retry,
     _parse_delete,
     _parse_reconcile,

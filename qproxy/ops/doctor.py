@@ -6,20 +6,25 @@ except a probe object written to S3 and a probe file in the local root (both rem
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import ipaddress
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
+import httpx
 import redis
 
 from qproxy.config import Config
 from qproxy.errors import QProxyError
 from qproxy.stores.local import LocalStore
+from qproxy.stores.state import StateStore
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -169,6 +174,52 @@ def check_nginx(config: Config) -> Check:
     return Check("nginx", "ok", f"{path} (print a config with `qproxy nginx-config`)")
 
 
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_node_url(config: Config) -> Check:
+    """The other nodes and the workers fetch this node's files at QPROXY_NODE_URL: it must
+    be reachable, and not loopback on a cluster."""
+    url = config.node_url
+    others: list[str] = []
+    with contextlib.suppress(QProxyError, ValueError):
+        state = StateStore(_redis(config.redis_url))
+        others = sorted(n for n in state.nodes() if n != config.node_id)
+    if others and _is_loopback_url(url):
+        return Check(
+            "node url",
+            "fail",
+            f"QPROXY_NODE_URL is {url}, a loopback URL, but other nodes are registered "
+            f"({', '.join(others[:5])}): they and the workers cannot fetch this node's files "
+            "there. Set it to this node's own address, e.g. http://10.0.0.21:8300",
+        )
+    try:
+        answer = httpx.get(url.rstrip("/") + "/internal/blob/qproxy-doctor", timeout=2.0)
+    except httpx.HTTPError as exc:
+        return Check(
+            "node url",
+            "fail",
+            f"cannot reach this node's resolver at QPROXY_NODE_URL {url}: "
+            f"{type(exc).__name__}: {exc} (is `qproxy resolver` running? It listens on "
+            "0.0.0.0 unless QPROXY_NODE_URL is a loopback URL or --host says otherwise)",
+        )
+    if answer.status_code not in (403, 404):
+        return Check(
+            "node url",
+            "warn",
+            f"{url} answered {answer.status_code}: is it this node's qproxy resolver?",
+        )
+    peers = f"; {len(others)} other node(s) registered" if others else ""
+    return Check("node url", "ok", f"{url} reachable{peers}")
+
+
 CHECKS: tuple[Callable[[Config], Check | Iterator[Check]], ...] = (
     check_secret,
     check_local,
@@ -176,6 +227,7 @@ CHECKS: tuple[Callable[[Config], Check | Iterator[Check]], ...] = (
     check_broker,
     check_s3,
     check_workers,
+    check_node_url,
     check_nginx,
 )
 

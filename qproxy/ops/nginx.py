@@ -15,7 +15,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from qproxy.config import DEFAULT_INLINE_TYPES, Config
-from qproxy.core.decision import MEDIA_CSP, NOSNIFF
+from qproxy.core.decision import MAX_RANGES, MEDIA_CSP, NOSNIFF
 from qproxy.errors import ConfigError
 from qproxy.headers import OFFLOAD_FILE_HEADER, OFFLOAD_TOKEN_HEADER, offload_token
 
@@ -125,7 +125,9 @@ def _proxy_common(indent: str) -> str:
     return "".join(f"{indent}{line}\n" for line in lines)
 
 
-def _resolver_headers(indent: str, token: str = "") -> str:
+def _resolver_headers(indent: str, token: str = "", *, conditional: bool = False) -> str:
+    """Only the headers set here reach the resolver. ``conditional``: the client's Range and
+    conditional headers go too (a peer's blob answers them as nginx does a local file)."""
     if any(c in token for c in '"\\$\r\n\x00;{}'):
         raise ConfigError("QPROXY_ADMIN_TOKEN cannot be written into nginx's config")
     lines = [
@@ -134,8 +136,10 @@ def _resolver_headers(indent: str, token: str = "") -> str:
         "proxy_pass_request_headers off;",
         "proxy_pass_request_body off;",
         'proxy_set_header Content-Length "";',
-        *[f'proxy_set_header {name} "";' for name in _STRIP],
     ]
+    for name in _STRIP:
+        value = f"$http_{name.lower().replace('-', '_')}" if conditional else '""'
+        lines.append(f"proxy_set_header {name} {value};")
     if token:
         lines.append(f'proxy_set_header X-QProxy-Token "{token}";')
     return "".join(f"{indent}{line}\n" for line in lines)
@@ -185,10 +189,6 @@ def _open_files(comment: str) -> str:
     return _lines(
         I2, comment, "open_file_cache max=10000 inactive=30s;", "open_file_cache_valid 1s;"
     )
-
-
-# At most this many ranges per request: 600 ranges of a 12 kB file used to answer 54 kB.
-MAX_RANGES = 16
 
 
 def _file_answer(*, links: bool = True) -> str:
@@ -494,25 +494,55 @@ def location_retry(token: str = "") -> str:
     )
 
 
+# A peer that does not answer: how long nginx waits to connect, and between two reads (the
+# read timeout measures progress, not the whole answer).
+PEER_CONNECT_TIMEOUT = 2
+PEER_READ_TIMEOUT = 10
+PEER_RETRY_AFTER = 5
+
+
 def location_peer() -> str:
-    """A file on another web node: proxied from that node's resolver (a signed URL)."""
-    return _lines(
-        I1,
-        "# A file on another web node: proxied from that node's resolver, whose",
-        "# /internal/blob URL the resolver signed.",
-    ) + _location(
-        "~ ^/_qp/peer/([A-Za-z0-9.:\\[\\]-]+)/(.*)$",
-        _lines(I2, "internal;", "proxy_pass http://$1/internal/blob/$2$is_args$args;"),
-        _proxy_common(I2),
-        _resolver_headers(I2),
+    """A file on another web node: proxied from that node's resolver (a signed URL), as a
+    local file is served (Range, HEAD, 304), streamed through without a temporary file."""
+    return (
         _lines(
-            I2,
-            "add_header X-QProxy-Source peer always;",
-            "# The peer sends them too; this location's own are the ones that count.",
-            "proxy_hide_header X-Content-Type-Options;",
-            "proxy_hide_header Content-Security-Policy;",
-        ),
-        _file_answer(links=False),
+            I1,
+            "# A file on another web node: proxied from that node's resolver, whose",
+            "# /internal/blob URL the resolver signed.",
+        )
+        + _location(
+            "~ ^/_qp/peer/([A-Za-z0-9.:\\[\\]-]+)/(.*)$",
+            _lines(I2, "internal;", "proxy_pass http://$1/internal/blob/$2$is_args$args;"),
+            _proxy_common(I2),
+            _resolver_headers(I2, conditional=True),
+            _lines(
+                I2,
+                "# Streamed to the client as it comes: never spooled to this node's disk.",
+                "proxy_max_temp_file_size 0;",
+                f"proxy_connect_timeout {PEER_CONNECT_TIMEOUT}s;",
+                f"proxy_read_timeout {PEER_READ_TIMEOUT}s;",
+                f"proxy_send_timeout {PEER_READ_TIMEOUT}s;",
+                "# The peer no longer has it (it reached S3 meanwhile): ask the resolver again.",
+                "# A peer that does not answer: 503 and when to try again, not 502/504.",
+                "proxy_intercept_errors on;",
+                "error_page 404 = @qp_retry;",
+                "error_page 500 502 503 504 = @qp_peer_down;",
+                "add_header X-QProxy-Source peer always;",
+                "# The peer sends them too; this location's own are the ones that count.",
+                "proxy_hide_header X-Content-Type-Options;",
+                "proxy_hide_header Content-Security-Policy;",
+            ),
+            _file_answer(links=False),
+        )
+        + _location(
+            "@qp_peer_down",
+            _lines(
+                I2,
+                f"add_header Retry-After {PEER_RETRY_AFTER} always;",
+                'add_header Cache-Control "no-store" always;',
+                "return 503;",
+            ),
+        )
     )
 
 

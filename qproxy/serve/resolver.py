@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import ipaddress
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import quote, unquote
 
 import anyio.to_thread
@@ -31,6 +35,7 @@ from qproxy.config import Config
 from qproxy.core import decision as render
 from qproxy.core.decision import (
     FORBIDDEN,
+    MAX_RANGES,
     MEDIA_CSP,
     MISSING,
     NOSNIFF,
@@ -45,6 +50,7 @@ from qproxy.core.decision import (
 from qproxy.errors import ConfigError, InvalidKey, QProxyError, StateUnavailable
 from qproxy.headers import check_file_query, check_signature, signed_query
 from qproxy.keys import validate_key
+from qproxy.lifecycle import nodes
 from qproxy.stores import Objects
 from qproxy.stores.s3 import RemoteStore
 from qproxy.stores.state import AsyncStateReader
@@ -57,6 +63,8 @@ log = logging.getLogger("qproxy.resolver")
 # failure S3 is not asked again for S3_BACKOFF seconds.
 S3_TIMEOUT = 2.0
 S3_BACKOFF = 5.0
+# A peer's name is resolved at most this often (a node that moves is followed this soon).
+PEER_DNS_TTL = 30.0
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -69,6 +77,14 @@ _FORBIDDEN = (
 )
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _loopback(host: str) -> bool:
     if host in _LOOPBACK:
         return True
@@ -76,6 +92,25 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class _Blob(FileResponse):
+    max_ranges = MAX_RANGES
+
+
+def _not_modified(request: Request, etag: str, mtime: float) -> bool:
+    """A GET or HEAD the client's copy answers (If-None-Match, else If-Modified-Since)."""
+    match = request.headers.get("if-none-match")
+    if match is not None:
+        tags = {t.strip().removeprefix("W/") for t in match.split(",")}
+        return "*" in tags or etag in tags
+    since = request.headers.get("if-modified-since")
+    if since:
+        try:
+            return int(mtime) <= parsedate_to_datetime(since).timestamp()
+        except (TypeError, ValueError, IndexError):
+            return False
+    return False
 
 
 def check_config(config: Config) -> None:
@@ -104,6 +139,7 @@ class Resolver:
         self.counts: Counter[str] = Counter()
         self.reader = AsyncStateReader(config.redis_url)
         self._misses: dict[str, float] = {}
+        self._peer_addresses: dict[str, tuple[str, float]] = {}
         self._s3_down_until = 0.0
         self.redirect_max_age = config.redirect_max_age
         self.inline_types = config.inline
@@ -233,7 +269,33 @@ class Resolver:
             name = key if record is None else record.object
             private = is_private(key, record, self.private_globs)
             decision = await anyio.to_thread.run_sync(self._from_s3, key, name, method, private)
+        elif decision.kind == "peer":
+            decision = dataclasses.replace(decision, peer=await self._peer_address(decision.peer))
         return decision
+
+    async def _peer_address(self, netloc: str) -> str:
+        """A peer's ``host:port`` with the host as an address: nginx proxies to peers through
+        a variable, which it cannot resolve without a DNS ``resolver`` (and never from
+        /etc/hosts). Resolved here as any program does, and kept for PEER_DNS_TTL."""
+        host, _, port = netloc.rpartition(":")
+        bare = host.strip("[]")
+        if not host or _is_address(bare):
+            return netloc
+        now = time.monotonic()
+        cached = self._peer_addresses.get(bare)
+        if cached is not None and cached[1] > now:
+            return f"{cached[0]}:{port}"
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                bare, int(port), type=socket.SOCK_STREAM
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("resolver: cannot resolve peer %s: %s", bare, exc)
+            return netloc  # nginx then cannot reach it: a 503 with Retry-After
+        address = str(infos[0][4][0])
+        shown = f"[{address}]" if ":" in address else address
+        self._peer_addresses[bare] = (shown, now + PEER_DNS_TTL)
+        return f"{shown}:{port}"
 
     def _s3_has(self, name: str) -> bool | None:
         """Whether S3 holds ``name``; None when S3 did not answer (then it is left alone
@@ -411,10 +473,24 @@ class Resolver:
         path = self.stores.local.path_for(key)
         if not self.stores.local.exists(key):  # (a link is no stored file)
             return PlainTextResponse("not found\n", status_code=404)
-        return FileResponse(
+        try:
+            stat = await anyio.to_thread.run_sync(os.stat, path)
+        except FileNotFoundError:
+            return PlainTextResponse("not found\n", status_code=404)
+        # As nginx serves the same file on its own node: its ETag, Range (at most as many
+        # ranges as nginx allows), HEAD, and 304 for a copy the client has.
+        headers = {
+            "ETag": f'"{int(stat.st_mtime):x}-{stat.st_size:x}"',
+            "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
+        }
+        if _not_modified(request, headers["ETag"], stat.st_mtime):
+            return Response(status_code=304, headers=headers)
+        return _Blob(
             path,
+            stat_result=stat,
             media_type=shown.content_type,
             headers={
+                **headers,
                 "Content-Disposition": shown.disposition,
                 "X-Content-Type-Options": NOSNIFF,
                 "Content-Security-Policy": MEDIA_CSP,
@@ -460,6 +536,7 @@ class Resolver:
                 )
                 if cluster:
                     next_cluster = started + self.config.sweep_interval
+                await anyio.to_thread.run_sync(nodes.heartbeat, self.stores)
                 report = await anyio.to_thread.run_sync(
                     functools.partial(sweep, self.stores, cluster=bool(cluster))
                 )

@@ -10,6 +10,7 @@ Each node has a schedule (``qp:drop:<node>``) of local copies it may drop, and w
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
@@ -296,6 +297,26 @@ class StateStore:
         # record nobody would look at again (a deleted record then never went away).
         with redis_errors():
             self.redis.zrem(f"{self.prefix}drop:{node}", key)
+
+    # -- the nodes of the cluster ---------------------------------------------------------
+
+    def register_node(self, node: str, info: Mapping[str, Any]) -> None:
+        """Record ``node`` (its URL, when last seen, whether it is draining)."""
+        with redis_errors():
+            self.redis.hset(f"{self.prefix}nodes", node, json.dumps(dict(info)))
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        with redis_errors():
+            raw = cast(dict[bytes, bytes], self.redis.hgetall(f"{self.prefix}nodes"))
+        out: dict[str, dict[str, Any]] = {}
+        for name, value in raw.items():
+            with contextlib.suppress(ValueError):
+                out[name.decode()] = json.loads(value)
+        return out
+
+    def deregister_node(self, node: str) -> None:
+        with redis_errors():
+            self.redis.hdel(f"{self.prefix}nodes", node)
 
     def forget(self, key: str) -> bool:
         """Remove a deleted record once no copy is left anywhere."""

@@ -141,6 +141,13 @@ def requeue_stuck(stores: Stores, *, older_than: float, now: float, limit: int =
                 continue  # delayed on purpose (QueuedStorage(delayed=True))
             if requeue(stores, record):
                 requeued += 1
+    # Failed for good is rarely for good (a bucket policy fixed, a disk remounted): once in a
+    # while (QPROXY_FAILED_RETRY_SECONDS) each is tried again.
+    failed_before = now - stores.config.failed_retry_seconds
+    for key in state.keys_in_state("failed", older_than=failed_before, limit=limit):
+        record = state.get(key)
+        if record is not None and record.state == "failed" and requeue(stores, record):
+            requeued += 1
     # Deletes whose job was lost: send it again (purging twice is harmless).
     for key in state.keys_in_state("deleted", older_than=older_than, limit=limit):
         record = state.get(key)

@@ -20,7 +20,7 @@ from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core.decision import shown_as
 from qproxy.core.record import FileRecord
-from qproxy.errors import LeaseLost, QProxyError, TransferRetry
+from qproxy.errors import LeaseLost, OriginUnreachable, QProxyError, TransferRetry
 from qproxy.lifecycle import files
 
 log = logging.getLogger("qproxy.tasks")
@@ -84,7 +84,13 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
         raise
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:500]
-        final = attempts_left <= 1 or isinstance(exc, FileNotFoundError)
+        # An origin node that does not answer is no failed transfer: the file is there, and
+        # waiting heals it, so it is retried (capped backoff) for as long as it takes. A
+        # missing file fails at once; other errors after QPROXY_TRANSFER_RETRIES attempts
+        # (and the sweep still retries those, slowly).
+        final = not isinstance(exc, OriginUnreachable) and (
+            attempts_left <= 1 or isinstance(exc, FileNotFoundError)
+        )
         try:
             state.transition(
                 key,
