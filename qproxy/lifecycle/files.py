@@ -155,9 +155,10 @@ def enqueue(stores: Stores, key: str) -> bool:
     return True
 
 
-def restore(stores: Stores, key: str, entry: dict[str, Any]) -> bool:
+def restore(stores: Stores, key: str, entry: dict[str, Any], *, replace: bool = False) -> bool:
     """Create the record of a file that is on this node's disk and queue its transfer
-    (a journal entry, or what reconcile found on disk). False if it has a record."""
+    (a journal entry, or what reconcile found on disk). False if it has a record (with
+    ``replace``: the record is replaced, a newer version whose record was lost)."""
     fields: dict[str, Any] = {
         name: entry[name]
         for name in (
@@ -177,7 +178,7 @@ def restore(stores: Stores, key: str, entry: dict[str, Any]) -> bool:
     if entry.get("hold"):
         fields["hold"] = True
     try:
-        gen = stores.state.create(key, "local", fields)
+        gen = stores.state.create(key, "local", fields, replace=replace)
     except KeyExists:
         return False  # someone recorded it meanwhile
     if fields.get("hold"):

@@ -24,7 +24,7 @@ import redis
 from qproxy.config import Config
 from qproxy.errors import QProxyError
 from qproxy.stores.local import LocalStore
-from qproxy.stores.state import StateStore
+from qproxy.stores.state import StateStore, redis_client
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -79,7 +79,7 @@ def check_local(config: Config) -> Check:
 
 
 def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+    return redis_client(url, socket_timeout=3, socket_connect_timeout=3)
 
 
 def check_redis(config: Config) -> Iterator[Check]:

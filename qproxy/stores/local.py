@@ -501,6 +501,31 @@ class Journal:
         except OSError as exc:
             raise _storage_error(exc) from exc
 
+    def offset_since(self, ts: float) -> int:
+        """The offset of a line written about ``ts`` or a little before (a binary search
+        on the entries' times, which are appended in order, give or take a few ms)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        low, high = 0, size
+        with open(self.path, "rb") as fh:
+            while high - low > 4096:
+                middle = (low + high) // 2
+                fh.seek(middle)
+                fh.readline()  # to the start of the next whole line
+                start = fh.tell()
+                line = fh.readline()
+                try:
+                    when = float(json.loads(line).get("ts", 0))
+                except (ValueError, AttributeError):
+                    when = 0.0
+                if not line or when >= ts:
+                    high = middle
+                else:
+                    low = start
+        return low
+
     def entries(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():
             return

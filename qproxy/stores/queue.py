@@ -17,6 +17,7 @@ from kombu.exceptions import KombuError
 
 from qproxy.config import Config
 from qproxy.errors import StateUnavailable
+from qproxy.redis_url import kombu_broker
 
 TRANSFER = "qproxy.transfer"
 DELETE = "qproxy.delete"
@@ -26,7 +27,8 @@ QUEUE = "qproxy"
 
 def celery_app(config: Config) -> Celery:
     """A Celery app configured for qproxy's queue (no tasks registered)."""
-    app = Celery("qproxy", broker=config.broker, set_as_current=False)
+    broker, sentinel_options = kombu_broker(config.broker)
+    app = Celery("qproxy", broker=broker, set_as_current=False)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -45,6 +47,7 @@ def celery_app(config: Config) -> Celery:
             # Without a socket timeout a publish to a vanished broker waits forever.
             "socket_timeout": 10,
             "socket_connect_timeout": 3,
+            **sentinel_options,
         },
         # A web request must not hang on a dead broker: the commit path falls back to the
         # journal and sweep.

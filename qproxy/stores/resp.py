@@ -21,6 +21,7 @@ import hiredis
 from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from qproxy.errors import StateUnavailable
+from qproxy.redis_url import SentinelURL, is_sentinel, parse_sentinel
 
 
 class _Protocol(asyncio.Protocol):
@@ -121,7 +122,18 @@ class PipelinedRedis:
     """One connection, shared by every coroutine of one event loop; reconnects on demand."""
 
     def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
-        self.options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self.sentinel: SentinelURL | None = None
+        if is_sentinel(url):
+            # The master is asked of the sentinels at every (re)connection: after a failover
+            # the lost connection is made again to the new master.
+            self.sentinel = parse_sentinel(url)
+            self.options: dict[str, Any] = {
+                "username": self.sentinel.username,
+                "password": self.sentinel.password,
+                "db": self.sentinel.db,
+            }
+        else:
+            self.options = parse_url(url)  # type: ignore[no-untyped-call]
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         # One connection per event loop (a server may run one loop per thread).
@@ -152,12 +164,43 @@ class PipelinedRedis:
             self._protocols[loop] = protocol
             return protocol
 
+    async def _master(self, sentinel: SentinelURL) -> tuple[str, int]:
+        """The master's address, from the first sentinel that knows it."""
+        loop = asyncio.get_running_loop()
+        errors: list[str] = []
+        for host, port in sentinel.sentinels:
+            transport: asyncio.BaseTransport | None = None
+            try:
+                transport, protocol = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Protocol(1.0), host, port), 1.0
+                )
+                if sentinel.sentinel_password:
+                    await protocol.call(pack("AUTH", sentinel.sentinel_password))
+                found = await protocol.call(
+                    pack("SENTINEL", "GET-MASTER-ADDR-BY-NAME", sentinel.master)
+                )
+            except (OSError, StateUnavailable, hiredis.ReplyError) as exc:
+                errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
+                continue
+            finally:
+                if transport is not None:
+                    transport.close()
+            if found:
+                return found[0].decode(), int(found[1])
+            errors.append(f"{host}:{port}: no master named {sentinel.master!r}")
+        raise OSError("no sentinel gave the master: " + "; ".join(errors))
+
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         opts = self.options
         cls = opts.get("connection_class")
         transport: asyncio.BaseTransport
-        if cls is UnixDomainSocketConnection:
+        if self.sentinel is not None:
+            host, port = await self._master(self.sentinel)
+            transport, protocol = await loop.create_connection(
+                lambda: _Protocol(self.timeout), host, port
+            )
+        elif cls is UnixDomainSocketConnection:
             transport, protocol = await loop.create_unix_connection(
                 lambda: _Protocol(self.timeout), opts["path"]
             )

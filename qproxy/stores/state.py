@@ -17,9 +17,11 @@ from typing import Any, cast
 
 import hiredis
 import redis
+from redis.sentinel import Sentinel
 
 from qproxy.core.record import FIELDS, FileRecord, State, encode_fields, timestamp
 from qproxy.errors import KeyExists, LeaseLost, StateUnavailable
+from qproxy.redis_url import is_sentinel, parse_sentinel
 from qproxy.stores.resp import PipelinedRedis
 
 PREFIX = "qp:"
@@ -97,6 +99,37 @@ def redis_errors() -> Iterator[None]:
         raise StateUnavailable(f"Redis: {exc}") from exc
 
 
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A client for ``url``: redis-py's URLs, or ``redis+sentinel://`` (the master, found
+    through the sentinels and found again after a failover)."""
+    options: dict[str, Any] = {
+        "socket_timeout": 5,
+        "socket_connect_timeout": 2,
+        "health_check_interval": 30,
+        **kwargs,
+    }
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    parsed = parse_sentinel(url)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(parsed.sentinels),
+        sentinel_kwargs={
+            "socket_timeout": 1,
+            "socket_connect_timeout": 1,
+            **({"password": parsed.sentinel_password} if parsed.sentinel_password else {}),
+        },
+        **{k: v for k, v in options.items() if k != "health_check_interval"},
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        parsed.master,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        **options,
+    )
+    return client
+
+
 class StateStore:
     """Records in one Redis database."""
 
@@ -109,10 +142,15 @@ class StateStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> StateStore:
-        client = redis.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30, **kwargs
-        )
-        return cls(client)
+        return cls(redis_client(url, **kwargs))
+
+    def epoch(self) -> str:
+        """Which history of the data this server holds: a replica promoted by a failover
+        (or a Redis restarted without its data) starts a new one, and may lack the last
+        writes the old one acknowledged (see :func:`qproxy.worker.sweep.replay_journal`)."""
+        with redis_errors():
+            info = self.redis.info("replication")
+        return str(info.get("master_replid", ""))
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}f:{key}"

@@ -14,18 +14,22 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from qproxy.compose import Stores
 from qproxy.core.record import FileRecord
 from qproxy.errors import LeaseLost, QProxyError
 from qproxy.keys import validate_key
-from qproxy.lifecycle.files import release, restore
+from qproxy.lifecycle.files import delete, release, restore
 
 log = logging.getLogger("qproxy.sweep")
 
 JOURNAL_SETTLE_SECONDS = 5.0  # a commit this recent may still be on its way to Redis
 JOURNAL_BATCH = 5000
+# After a failover, how much of the journal is replayed again: far more than the replication
+# lag a failover can lose (seconds).
+REWIND_SECONDS = 600
 
 
 @dataclass
@@ -72,7 +76,11 @@ def sweep(
 def replay_journal(stores: Stores, *, now: float | None = None) -> int:
     """Give Redis the commits it missed (it was down, or lost them): record and queue them.
 
-    Reads only what was appended since the last replay (an offset kept beside the journal).
+    Reads only what was appended since the last replay (an offset kept beside the journal),
+    but for one case: when Redis's history changed since the last round (a failover
+    promoted a replica, which may lack the last writes the old master acknowledged; a Redis
+    restarted without its data), the last REWIND_SECONDS are replayed again, deletes and
+    new versions included, so the records converge on what this node accepted.
     """
     journal = stores.local.journal
     offset_path = journal.path.with_suffix(".offset")
@@ -81,6 +89,13 @@ def replay_journal(stores: Stores, *, now: float | None = None) -> int:
     except (FileNotFoundError, ValueError):
         offset = 0
     now = time.time() if now is None else now
+    rewind = _history_changed(stores, journal.path.with_suffix(".epoch"))
+    if rewind:
+        offset = min(offset, journal.offset_since(now - REWIND_SECONDS))
+        log.warning(
+            "Redis's history changed (a failover?): replaying the journal's last %ds",
+            REWIND_SECONDS,
+        )
     entries: list[tuple[int, dict[str, Any]]] = []
     try:
         with open(journal.path, "rb") as fh:
@@ -100,20 +115,58 @@ def replay_journal(stores: Stores, *, now: float | None = None) -> int:
                 entries.append((position, entry))
     except FileNotFoundError:
         return 0
-    commits = [e for _, e in entries if e.get("op") == "commit" and e.get("key")]
-    deleted = {e["key"] for _, e in entries if e.get("op") == "delete"}
+    # What this node did last to each key decides.
+    last: dict[str, dict[str, Any]] = {}
+    for _, entry in entries:
+        if entry.get("op") in ("commit", "delete") and entry.get("key"):
+            last[entry["key"]] = entry
     replayed = 0
+    commits = [e for e in last.values() if e["op"] == "commit"]
     if commits:
         present = stores.state.exists_many([e["key"] for e in commits])
         for entry, has_record in zip(commits, present, strict=True):
             key = entry["key"]
-            if has_record or key in deleted or not stores.local.exists(key):
+            if not stores.local.exists(key):
                 continue
-            if restore(stores, key, entry):
-                replayed += 1
+            if not has_record:
+                replayed += restore(stores, key, entry)
+            elif rewind and _lost_version(stores, key, entry):
+                replayed += restore(stores, key, entry, replace=True)
+    if rewind:
+        for entry in last.values():
+            if entry["op"] != "delete":
+                continue
+            record = stores.state.get(entry["key"])
+            # A delete the new master never heard of (not a newer upload of the key).
+            if record is not None and record.state != "deleted" and record.created <= entry["ts"]:
+                replayed += delete(stores, entry["key"])
     if entries:
         offset_path.write_text(str(entries[-1][0]))
     return replayed
+
+
+def _history_changed(stores: Stores, path: Path) -> bool:
+    current = stores.state.epoch()
+    try:
+        seen = path.read_text()
+    except FileNotFoundError:
+        seen = ""
+    if current and current != seen:
+        path.write_text(current)
+    return bool(seen and current and current != seen)
+
+
+def _lost_version(stores: Stores, key: str, entry: dict[str, Any]) -> bool:
+    """The record is of an older version than this node's last commit of ``key`` (that
+    commit's record was lost)."""
+    record = stores.state.get(key)
+    return (
+        record is not None
+        and record.state != "deleted"
+        and record.created < float(entry.get("ts", 0)) - 1.0
+        and bool(entry.get("sha256"))
+        and record.sha256 != entry.get("sha256")
+    )
 
 
 def remove_dead_pending(stores: Stores, *, max_age: float, now: float) -> int:
