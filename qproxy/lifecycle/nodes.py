@@ -21,8 +21,9 @@ from qproxy.core.record import State
 from qproxy.errors import LeaseLost
 from qproxy.stores.local import PRIVATE
 
-# A node not seen for this many janitor rounds is shown as gone.
+# A node not seen for this many janitor rounds (and at least GONE_AFTER_SECONDS) is gone.
 GONE_AFTER_ROUNDS = 3
+GONE_AFTER_SECONDS = 15.0
 # How often the middleware looks at the draining mark (a stat), per process.
 DRAIN_CHECK_SECONDS = 1.0
 _NOT_IN_S3: tuple[State, ...] = ("local", "queued", "transferring", "failed")
@@ -86,7 +87,8 @@ def listing(stores: Stores) -> list[Node]:
 
 
 def is_gone(stores: Stores, node: Node, now: float) -> bool:
-    return node.age(now) > GONE_AFTER_ROUNDS * max(stores.config.janitor_interval, 1.0)
+    limit = max(GONE_AFTER_ROUNDS * stores.config.janitor_interval, GONE_AFTER_SECONDS)
+    return node.age(now) > limit
 
 
 def unfinished(stores: Stores, *, limit: int = 100_000) -> list[str]:

@@ -166,6 +166,7 @@ class Resolver:
         if self.standalone:
             self._open_handlers.add(public)
         self._janitor_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     @functools.cached_property
     def remote(self) -> Objects:
@@ -516,14 +517,26 @@ class Resolver:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._janitor_task = asyncio.create_task(self._janitor())
+                self._heartbeat_task = asyncio.create_task(self._heartbeat())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._janitor_task is not None:
-                    self._janitor_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await self._janitor_task
+                for task in (self._janitor_task, self._heartbeat_task):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _heartbeat(self) -> None:
+        """Register this node every janitor interval, apart from the janitor (whose rounds
+        can take long when S3 is slow: a node is not gone while it sweeps)."""
+        while True:
+            try:
+                await anyio.to_thread.run_sync(nodes.heartbeat, self.stores)
+            except Exception as exc:  # Redis down: the next round registers it
+                log.debug("heartbeat: %s", exc)
+            await asyncio.sleep(self.config.janitor_interval)
 
     async def _janitor(self) -> None:
         """This node's upkeep, and now and then (one node at a time) the cluster's."""
@@ -536,7 +549,6 @@ class Resolver:
                 )
                 if cluster:
                     next_cluster = started + self.config.sweep_interval
-                await anyio.to_thread.run_sync(nodes.heartbeat, self.stores)
                 report = await anyio.to_thread.run_sync(
                     functools.partial(sweep, self.stores, cluster=bool(cluster))
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -206,3 +207,20 @@ def test_put_with_a_taken_key_takes_another_and_replace_replaces(
     assert record is not None and record.version == 2
     assert node.remote.open(record.object).read() == sources[1].read_bytes()
     assert qproxy("put", str(sources[0]), "--replace", env=stack.env).returncode == 2
+
+
+def test_nodes_lists_registered_nodes_and_the_gone(stack: Stack) -> None:
+    import time
+
+    state = Stores(stack.config).state
+    name = f"old-{os.urandom(3).hex()}"
+    state.register_node(name, {"url": "http://10.9.9.9:8300", "seen": time.time() - 100})
+    try:
+        rows = {n["id"]: n for n in json.loads(qproxy("nodes", "--json", env=stack.env).stdout)}
+        assert rows[name]["gone"] and rows[name]["url"] == "http://10.9.9.9:8300"
+        # The stack's own resolver registered itself, and is up.
+        assert rows["node-1"]["url"] == stack.env["QPROXY_NODE_URL"] and not rows["node-1"]["gone"]
+        text = qproxy("nodes", env=stack.env).stdout
+        assert re.search(rf"^{name} +http://10\.9\.9\.9:8300 +\d+s +gone$", text, re.M), text
+    finally:
+        state.deregister_node(name)
