@@ -22,6 +22,7 @@ from pathlib import Path
 
 import boto3
 import httpx
+import redis
 
 from qproxy.compose import Stores
 from qproxy.config import Config
@@ -33,6 +34,7 @@ from tests.cluster.net import Host, Net
 REPO = Path(__file__).resolve().parents[2]
 NGINX_PORT = 8080
 RESOLVER_PORT = 8300
+SENTINEL_MASTER = "qpmaster"
 APP_PORT = 8000
 
 
@@ -60,6 +62,7 @@ class Cluster:
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="qpcluster-")))
     services: dict[str, Service] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
+    sentinels: list[Host] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         os.chmod(self.base, 0o755)  # nginx's workers (nobody) walk down to the files
@@ -75,7 +78,10 @@ class Cluster:
         return {
             **AWS_TEST_ENV,
             "PYTHONPATH": str(REPO),
-            "QPROXY_REDIS_URL": f"redis://{self.data.address}:6379/0",
+            # Through the sentinels: every process finds the master, and finds it again.
+            "QPROXY_REDIS_URL": "redis+sentinel://"
+            + ",".join(f"10.233.0.{n}:26379" for n in (10, 13, 14))
+            + f"/{SENTINEL_MASTER}/0",
             "QPROXY_S3_BUCKET": "qproxy-cluster",
             "QPROXY_S3_ENDPOINT_URL": f"http://{self.data.address}:9000",
             "QPROXY_S3_REGION": "us-east-1",
@@ -151,15 +157,46 @@ class Cluster:
         raise RuntimeError(f"{name} not ready in {timeout}s:\n{service.log_tail()}")
 
     def start_data(self) -> None:
+        """Redis as a cluster runs it: a master (on ``data``), a replica (``data2``) and
+        three sentinels (``data``, ``data2``, ``arbiter``); S3 on ``data``."""
         redis_server = find_redis()
         assert redis_server is not None
-        (self.base / "redis").mkdir()
-        argv = [
-            redis_server, "--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no",
-            "--dir", str(self.base / "redis"), "--appendonly", "yes", "--save", "",
-            "--maxmemory-policy", "noeviction",
-        ]  # fmt: skip
-        self.spawn("redis", self.data, argv, {})
+        replica_host = self.net.add("data2", 13)
+        arbiter = self.net.add("arbiter", 14)
+        for name, host, extra in (
+            ("redis", self.data, []),
+            ("redis-replica", replica_host, ["--replicaof", self.data.address, "6379"]),
+        ):
+            folder = self.base / name
+            folder.mkdir()
+            argv = [redis_server, "--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no"]
+            argv += ["--dir", str(folder), "--appendonly", "yes", "--save", ""]
+            argv += ["--maxmemory-policy", "noeviction", *extra]
+            self.spawn(name, host, argv, {})
+        for i, host in enumerate((self.data, replica_host, arbiter)):
+            folder = self.base / f"sentinel{i}"
+            folder.mkdir()
+            conf = folder / "sentinel.conf"
+            conf.write_text(
+                f"port 26379\nbind 0.0.0.0\nprotected-mode no\ndir {folder}\n"
+                f"sentinel monitor {SENTINEL_MASTER} {self.data.address} 6379 2\n"
+                f"sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n"
+                f"sentinel failover-timeout {SENTINEL_MASTER} 10000\n"
+            )
+            self.spawn(f"sentinel{i}", host, [redis_server, str(conf), "--sentinel"], {})
+            self.sentinels.append(host)
+
+        def replicating() -> bool:
+            return bool(redis.Redis().info("replication")["master_link_status"] == "up")
+
+        self.wait("redis-replica", replica_host, replicating)
+        for i, host in enumerate(self.sentinels):
+
+            def knows(address: str = host.address) -> bool:
+                seen = redis.Redis(host=address, port=26379).sentinel_master(SENTINEL_MASTER)
+                return bool(seen["num-slaves"] >= 1 and seen["num-other-sentinels"] >= 2)
+
+            self.wait(f"sentinel{i}", self.client, knows)
         argv = [sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", "9000"]
         self.spawn("s3", self.data, argv, {})
         self.wait("s3", self.data, lambda: httpx.get("http://127.0.0.1:9000/moto-api/").is_success)

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from qproxy.core.record import FileRecord
 from tests.cluster.cluster import Cluster, Node, cluster
@@ -222,3 +223,28 @@ def test_nodes_register_and_a_draining_node_empties_itself(site: Cluster) -> Non
     wait_for(lambda: "web2" in listed(), timeout=10)
     time.sleep(1.1)  # the middleware looks at the mark once a second
     assert upload(site, web2, b"welcome back")
+
+
+def test_the_redis_master_dies_and_every_host_follows_the_failover(site: Cluster) -> None:
+    # Last: the cluster runs on the promoted replica afterwards. Uploads on both nodes
+    # while the Redis host's master is SIGKILLed; the sentinels on three hosts promote the
+    # replica on another; the web nodes, their resolvers and the worker host follow.
+    web1, web2 = site.nodes["web1"], site.nodes["web2"]
+    sent: dict[str, bytes] = {}
+    for i in range(40):
+        if i == 10:
+            site.services["redis"].signal(signal.SIGKILL)
+        data = os.urandom(20_000 + i)
+        sent[upload(site, (web1, web2)[i % 2], data)] = data
+        time.sleep(0.1)
+
+    def promoted() -> bool:
+        return site.client.run(
+            lambda: redis.Redis(host="10.233.0.13").info("replication")["role"] == "master"
+        )
+
+    wait_for(promoted, timeout=60)
+    for key, data in sent.items():
+        wait_for(lambda k=key: (r := record(site, k)) is not None and r.state == "remote", 120)
+        # Served, from S3 now, through either node.
+        assert get(site, f"{web2.front}/media/{key}", follow_redirects=True).content == data
