@@ -19,7 +19,7 @@ from bench.report import redraw, write_results
 from bench.resolver import resolve_rows
 from bench.servers import servers_row
 from bench.state import state_row
-from bench.transfer import transfer_many_row, transfer_row
+from bench.transfer import peer_pull_row, transfer_many_row, transfer_row
 from bench.uploads import latency_row, memory_row, upload_rows
 from qproxy.dev.devstack import AWS_TEST_ENV
 
@@ -31,6 +31,7 @@ ROWS: dict[str, Callable[[Bench], None]] = {
     "servers": servers_row,
     "transfer": transfer_row,
     "transfer-many": transfer_many_row,
+    "peer-pull": peer_pull_row,
     "state": state_row,
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 from bench.common import (
@@ -126,3 +127,75 @@ def transfer_many_row(b: Bench) -> None:
         cand,
         base,
     )
+
+
+def peer_pull_row(b: Bench) -> None:
+    """Workers on another host: 1, 2 and 4 processes pulling each file from its web node's
+    resolver over signed HTTP, against the same workers reading it from their own disk."""
+    import boto3
+
+    count, size = (4, MiB) if b.quick else (24, 16 * MiB)
+    node = Stores(b.stack.config)
+    s3 = boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
+    payload = os.urandom(size)
+    elsewhere = b.tmp / "elsewhere"  # a worker host's (empty) disk
+    elsewhere.mkdir(exist_ok=True)
+
+    def run(width: int, root: str) -> float:
+        # The stack's own worker stops; one with ``width`` processes and ``root`` as its
+        # disk takes the queue (another node's id: it pulls what is not on its disk).
+        name = f"bench-worker-{width}-{os.urandom(2).hex()}"
+        argv = [
+            sys.executable, "-m", "qproxy", "worker", "--concurrency", str(width),
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--hostname", f"{name}@%h",
+        ]  # fmt: skip
+        env = {"QPROXY_LOCAL_ROOT": root, "QPROXY_NODE_ID": "worker-host"}
+        keys = []
+        # Stopped, not paused: Redis hands a job to a paused worker's pending BRPOP.
+        b.stack.services.pop("worker").stop()
+        worker = b.stack.spawn(name, argv, env=env)
+        try:
+            b.stack.wait_for(name, lambda: b"ready." in worker.log_path.read_bytes(), 60)
+            worker.signal(signal.SIGSTOP)  # queue them all first: measure the pulls
+            for _ in range(count):
+                temp = node.local.create_temp()
+                temp.write(payload)
+                temp.close()
+                key = "bench/pull-" + os.urandom(6).hex() + ".bin"
+                commit(
+                    node,
+                    temp,
+                    key,
+                    {"filename": "p.bin", "content_type": "application/octet-stream"},
+                )
+                keys.append(key)
+            started = time.monotonic()
+            worker.signal(signal.SIGCONT)
+            pending = list(keys)
+            while pending:
+                states = node.state.states(pending)
+                pending = [k for k, st in zip(pending, states, strict=True) if st != "remote"]
+                time.sleep(0.02)
+            rate = count * size / MiB / (time.monotonic() - started)
+        finally:
+            b.stack.services.pop(name).stop()
+            b.stack.start_worker()
+        for key in keys:
+            s3.delete_object(Bucket="qproxy-dev", Key=key)
+            node.local.remove(key)
+        return rate
+
+    for width in (1, 2, 4):
+        b.alternate(
+            Row(
+                f"peer pull, {width} worker process{'es' if width > 1 else ''}",
+                "MiB/s",
+                f"{count} x {size // MiB} MiB pulled from the web node's resolver",
+                "the same read from the worker's own disk",
+                target="information (no target)",
+            ),
+            lambda w=width: run(w, str(elsewhere)),  # type: ignore[misc]
+            lambda w=width: run(w, str(b.stack.config.local_path)),  # type: ignore[misc]
+            rounds=1 if b.quick else 2,
+        )

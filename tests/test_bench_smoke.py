@@ -38,6 +38,8 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         "resolve + serve",
         "resolve remote",
         "transfer 8 MiB",
+        "peer pull, 1 worker",
+        "peer pull, 4 worker",
         "transfer 40 files",
         "state",
         "ingest",
