@@ -160,3 +160,18 @@ def test_sweep_leaves_delayed_files_alone(stack: Stack) -> None:
     wait_state(real, key, "remote")
     record = real.state.get(key)
     assert record is not None and not record.hold
+
+
+def test_the_sweep_tries_failed_files_again_now_and_then(stack: Stack) -> None:
+    broken = Stores(stack.config.replace(s3_bucket="no-such-bucket"), queue=NoQueue())
+    key = put_local(broken, b"failed, then fixed")
+    assert transfer(broken, key, attempts_left=1) == "failed"
+    real = Stores(stack.config)
+    # Not yet: failed less than QPROXY_FAILED_RETRY_SECONDS ago.
+    requeue_stuck(real, older_than=0, now=time.time())
+    record = real.state.get(key)
+    assert record is not None and record.state == "failed"
+    # Later (the bucket fixed meanwhile): queued again, and it goes.
+    later = time.time() + stack.config.failed_retry_seconds + 1
+    assert requeue_stuck(real, older_than=0, now=later) >= 1
+    wait_state(real, key, "remote")

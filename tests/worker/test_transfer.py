@@ -110,6 +110,24 @@ def test_missing_local_copy_fails_for_good(quiet_node: Stores) -> None:
     assert record is not None and "missing" in record.error
 
 
+def test_an_origin_that_does_not_answer_is_retried_not_failed(
+    stack: Stack, quiet_node: Stores, tmp_path: object
+) -> None:
+    # A file committed on another node (its URL: a port nothing listens on), pulled by a
+    # worker host without it: even on the last attempt, an unreachable origin is a retry.
+    origin = Stores(
+        stack.config.replace(
+            node_id="web-elsewhere", node_url="http://127.0.0.1:9", local_root=str(tmp_path)
+        ),
+        queue=NoQueue(),
+    )
+    key = put_local(origin, b"on a node that is down")
+    with pytest.raises(TransferRetry):
+        transfer(quiet_node, key, attempts_left=1)
+    record = quiet_node.state.get(key)
+    assert record is not None and record.state == "queued" and "unreachable" in record.error
+
+
 def test_verify_catches_a_corrupt_object(stack: Stack, quiet_node: Stores) -> None:
     remote = RemoteStore(stack.config)
     data = b"original bytes"
