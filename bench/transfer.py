@@ -17,6 +17,19 @@ from qproxy.lifecycle.files import commit
 from qproxy.stores.state import StateStore
 
 
+def commit_copies(node: Stores, payload: bytes, count: int, prefix: str) -> list[str]:
+    """``count`` files of ``payload`` committed as uploads are (their transfers queued)."""
+    keys = []
+    for _ in range(count):
+        temp = node.local.create_temp()
+        temp.write(payload)
+        temp.close()
+        key = prefix + os.urandom(6).hex() + ".bin"
+        commit(node, temp, key, {"filename": "f.bin", "content_type": "application/octet-stream"})
+        keys.append(key)
+    return keys
+
+
 def transfer_row(b: Bench) -> None:
     import boto3
 
@@ -79,18 +92,7 @@ def transfer_many_row(b: Bench) -> None:
         keys = []
         worker.signal(signal.SIGSTOP)  # queue them all first: measure the pool, not intake
         try:
-            for _ in range(count):
-                temp = node.local.create_temp()
-                temp.write(payload)
-                temp.close()
-                key = "bench/many-" + os.urandom(6).hex() + ".bin"
-                commit(
-                    node,
-                    temp,
-                    key,
-                    {"filename": "m.bin", "content_type": "application/octet-stream"},
-                )
-                keys.append(key)
+            keys = commit_copies(node, payload, count, "bench/many-")
         finally:
             started = time.monotonic()
             worker.signal(signal.SIGCONT)
@@ -158,18 +160,7 @@ def peer_pull_row(b: Bench) -> None:
         try:
             b.stack.wait_for(name, lambda: b"ready." in worker.log_path.read_bytes(), 60)
             worker.signal(signal.SIGSTOP)  # queue them all first: measure the pulls
-            for _ in range(count):
-                temp = node.local.create_temp()
-                temp.write(payload)
-                temp.close()
-                key = "bench/pull-" + os.urandom(6).hex() + ".bin"
-                commit(
-                    node,
-                    temp,
-                    key,
-                    {"filename": "p.bin", "content_type": "application/octet-stream"},
-                )
-                keys.append(key)
+            keys = commit_copies(node, payload, count, "bench/pull-")
             started = time.monotonic()
             worker.signal(signal.SIGCONT)
             pending = list(keys)
