@@ -224,7 +224,7 @@ class Cluster:
         self.nodes[name] = node
         return node
 
-    def start_node(self, node: Node) -> None:
+    def start_node(self, node: Node, *, mode: str = "x-accel") -> None:
         name = node.id
         LocalStore(node.files, node_id=name).ensure()
         argv = [sys.executable, "-m", "qproxy", "resolver", "--port", str(RESOLVER_PORT)]
@@ -241,6 +241,7 @@ class Cluster:
             listen=f"0.0.0.0:{NGINX_PORT}",
             app=f"http://127.0.0.1:{APP_PORT}",
             resolver=f"http://127.0.0.1:{RESOLVER_PORT}",
+            mode=mode,  # type: ignore[arg-type]
         )
         (prefix / "nginx.conf").write_text(full_config(node.config, options))
         nginx = find_nginx()

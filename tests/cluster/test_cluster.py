@@ -35,8 +35,10 @@ def site() -> Iterator[Cluster]:
         made.start_data()
         web1 = made.add_node("web1", 11)
         web2 = made.add_node("web2", 12)
+        web3 = made.add_node("web3", 15)
         for node in (web1, web2):
             made.start_node(node)
+        made.start_node(web3, mode="auth_request")  # nginx's other mode
         made.start_worker()
         yield made
 
@@ -85,8 +87,10 @@ def worker_paused(site: Cluster) -> Any:
     return Paused()
 
 
-def test_a_file_on_another_node_is_served_as_a_local_one(site: Cluster) -> None:
-    web1, web2 = site.nodes["web1"], site.nodes["web2"]
+@pytest.mark.parametrize("serving", ["web2", "web3"])
+def test_a_file_on_another_node_is_served_as_a_local_one(site: Cluster, serving: str) -> None:
+    # web2's nginx runs in X-Accel mode, web3's in auth_request mode.
+    web1, web2 = site.nodes["web1"], site.nodes[serving]
     data = os.urandom(3 * 1024 * 1024 + 17)
     with worker_paused(site):
         key = upload(site, web1, data, "movie.mp4")
@@ -115,7 +119,7 @@ def test_a_file_on_another_node_is_served_as_a_local_one(site: Cluster) -> None:
         local = get(site, f"{web1.front}/media/{key}", method="HEAD")
         assert local.headers["etag"] == etag
     # Streamed through, never spooled to the serving node's disk.
-    log = (site.base / "web2-nginx" / "error.log").read_text()
+    log = (site.base / f"{serving}-nginx" / "error.log").read_text()
     assert "buffered to a temporary file" not in log, log[-2000:]
     # The worker host has none of web1's files, yet the transfer works: it pulled it.
     wait_for(lambda: (r := record(site, key)) is not None and r.state == "remote")
