@@ -90,10 +90,22 @@ class Config:
     private_prefixes: str = ""  # comma-separated globs over keys served only when signed
     # comma-separated types (globs: "video/*") served inline; the rest as attachments
     inline_types: str = ",".join(DEFAULT_INLINE_TYPES)
+    # Resumable uploads (tus 1.0.0) at this path, e.g. "/files/" (empty: off)
+    tus_path: str = ""
+    tus_expire_seconds: float = 86400.0  # an incomplete tus upload is removed after this
     on_transferred: str = ""  # dotted path of a callable(record: dict), run in the worker
     on_failed: str = ""
 
     def __post_init__(self) -> None:
+        if self.tus_path and (
+            not self.tus_path.startswith("/")
+            or not self.tus_path.endswith("/")
+            or self.tus_path == self.public_path
+        ):
+            raise ConfigError(
+                f"QPROXY_TUS_PATH must start and end with '/' and differ from "
+                f"QPROXY_PUBLIC_PATH, got {self.tus_path!r} (e.g. /files/)"
+            )
         if not self.public_path.startswith("/") or not self.public_path.endswith("/"):
             raise ConfigError(
                 f"QPROXY_PUBLIC_PATH must start and end with '/', got {self.public_path!r}"

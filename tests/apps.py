@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,27 @@ def flask_app() -> Flask:
             uploads=[u.as_dict() for u in uploads],
             headers=sorted(request.headers.keys()),
         ), int(request.args.get("status", "201"))
+
+    @app.post("/tus/")
+    def tus_create() -> tuple[str, int]:
+        # QPROXY_TUS_PATH=/tus/: the app decides each creation (quotas, authentication).
+        info = request.environ.get("qproxy.tus", {})
+        if info.get("metadata", {}).get("filename") == "refused.bin":
+            return "not for you\n", 403
+        return "", 201
+
+    @app.route("/tus/<upload_id>", methods=["PATCH", "POST"])
+    def tus_complete(upload_id: str) -> tuple[str, int]:
+        # The request that completes an upload: a raw-body upload, as any other.
+        uploads = request.environ.get("qproxy.uploads", [])
+        keys = [u.key for u in uploads]
+        if request.environ["qproxy.tus"]["metadata"].get("filename") == "refused-at-end.bin":
+            return "no thanks\n", 422
+        log = os.environ.get("QP_TUS_LOG")
+        if log:
+            with open(log, "a") as fh:
+                fh.write(json.dumps({"upload": upload_id, "keys": keys}) + "\n")
+        return "", 204
 
     return app
 

@@ -7,6 +7,7 @@ the :class:`Intake`, call the app with the rewritten form, and tell the core's
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from qproxy.compose import Stores
 from qproxy.config import Config
+from qproxy.core import tus as tus_core
 from qproxy.core.upload import (
     KEY_HEADER,
     Answer,
@@ -27,6 +29,7 @@ from qproxy.core.upload import (
 )
 from qproxy.errors import IncompleteBody, QProxyError
 from qproxy.lifecycle.ingest import Feeder, Intake, begin
+from qproxy.lifecycle.tus import Tus
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -41,8 +44,7 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None,
 
 
 def _send(answer: Answer, start_response: StartResponse) -> list[bytes]:
-    status = f"{answer.status} {HTTPStatus(answer.status).phrase}"
-    start_response(status, list(answer.headers))
+    start_response(_status_line(answer.status), list(answer.headers))
     return [answer.body]
 
 
@@ -59,6 +61,11 @@ class UploadMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.
         environ.pop(KEY_ENVIRON, None)
+        environ.pop("qproxy.tus", None)
+        tus_path = self.config.tus_path
+        path = environ.get("PATH_INFO", "")
+        if tus_path and (path.startswith(tus_path) or path + "/" == tus_path):
+            return self._tus(environ, start_response, path[len(tus_path) :])
         # nginx's offload headers (nginx-config --offload) are for qproxy, not the app.
         request = UploadRequest(
             method=environ.get("REQUEST_METHOD", "GET"),
@@ -112,6 +119,170 @@ class UploadMiddleware:
         if intake.raw_key is not None:
             environ[KEY_ENVIRON] = intake.raw_key
         return _Response(self.app, environ, start_response, intake, settle)
+
+    # -- tus: resumable uploads ------------------------------------------------------------
+
+    @functools.cached_property
+    def tus(self) -> Tus:
+        return Tus(self.stores)
+
+    def _tus(
+        self, environ: WSGIEnvironment, start_response: StartResponse, rest: str
+    ) -> Iterable[bytes]:
+        headers = {
+            name[5:].replace("_", "-").lower(): value
+            for name, value in environ.items()
+            if name.startswith("HTTP_")
+        }
+        for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(name):
+                headers[name.replace("_", "-").lower()] = environ[name]
+        body = _TusBody(environ["wsgi.input"], _length_of(headers))
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            call = tus_core.parse(method, rest, headers, max_size=self.tus.max_size)
+            if call.kind == "options":
+                return _send(tus_core.options_answer(max_size=self.tus.max_size), start_response)
+            if call.kind == "head":
+                return _send(tus_core.head_answer(self.tus.get(call.upload_id)), start_response)
+            if call.kind == "delete":
+                self.tus.terminate(call.upload_id)
+                return _send(tus_core.terminated_answer(), start_response)
+            if call.kind == "create":
+                return self._tus_create(environ, start_response, call, body)
+            upload = self.tus.get(call.upload_id)
+            upload = self.tus.append(upload, call, body.chunks())
+            if upload.complete:
+                refused = self._tus_complete(environ, start_response, upload)
+                if refused is not None:
+                    return refused
+            return _send(tus_core.patched_answer(upload), start_response)
+        except tus_core.TusRefusal as refusal_:
+            body.drain(self.tus.max_size)
+            return _send(refusal_.answer(), start_response)
+
+    def _tus_create(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        call: tus_core.TusCall,
+        body: _TusBody,
+    ) -> Iterable[bytes]:
+        # The app decides: it sees the creation (its length and metadata), with no body.
+        asked = {**environ}
+        asked["qproxy.tus"] = {
+            "length": call.length,
+            "metadata": tus_core.parse_metadata(call.metadata),
+        }
+        asked["wsgi.input"] = io.BytesIO(b"")
+        asked["CONTENT_LENGTH"] = "0"
+        status, app_headers, answer = _ask(self.app, asked, None)
+        if status >= 400:
+            body.drain(self.tus.max_size)
+            start_response(_status_line(status), app_headers)
+            return [answer]
+        upload = self.tus.create(call)
+        location = self.tus.location(upload.upload_id)
+        if call.body_length:
+            upload = self.tus.append(upload, call, body.chunks())
+            if upload.complete:
+                refused = self._tus_complete(environ, start_response, upload)
+                if refused is not None:
+                    return refused
+        created = tus_core.created_answer(location, upload, with_body=bool(call.body_length))
+        return _send(created, start_response)
+
+    def _tus_complete(
+        self, environ: WSGIEnvironment, start_response: StartResponse, upload: tus_core.Upload
+    ) -> Iterable[bytes] | None:
+        """The last byte is in: the app gets it as a raw-body upload (empty body, the key,
+        ``qproxy.uploads``) and its answer decides the commit. None: accepted."""
+        intake = self.tus.finish(upload)
+        settle = Settle()
+        asked = {**environ}
+        asked["wsgi.input"] = _Body(b"", settle)
+        asked["CONTENT_LENGTH"] = "0"
+        asked["qproxy.uploads"] = Uploads(intake.files, settle)
+        asked["qproxy.tus"] = {
+            "length": upload.length,
+            "metadata": tus_core.parse_metadata(upload.metadata),
+        }
+        assert intake.raw_key is not None
+        asked[KEY_ENVIRON] = intake.raw_key
+        try:
+            status, app_headers, body = _ask(self.app, asked, settle)
+        except BaseException:
+            intake.settle(settle.failed())
+            raise
+        intake.settle(settle.finished())
+        if settle.outcome == "commit":
+            return None
+        start_response(_status_line(status if status >= 400 else 400), app_headers)
+        return [body]
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:  # tus's own 460
+        return f"{status} {tus_core.PHRASES.get(status, 'Unknown')}"
+
+
+def _ask(
+    app: WSGIApplication, environ: WSGIEnvironment, settle: Settle | None
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Run the app to the end and keep its answer (tus sends its own on success)."""
+    answer: dict[str, Any] = {"status": 500, "headers": []}
+    written: list[bytes] = []
+
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        try:
+            answer["status"] = int(status.split(" ", 1)[0])
+        except ValueError:
+            answer["status"] = 500
+        answer["headers"] = headers
+        if settle is not None:
+            settle.started(answer["status"])
+        return written.append
+
+    result = app(environ, start_response)
+    try:
+        for chunk in result:
+            written.append(chunk)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return answer["status"], answer["headers"], b"".join(written)
+
+
+class _TusBody:
+    """A tus request's body, read once (as chunks, or thrown away before a refusal)."""
+
+    def __init__(self, stream: Any, length: int | None) -> None:
+        self.stream = stream
+        self.length = length
+        self.received = 0
+
+    def chunks(self) -> Iterator[bytes]:
+        while self.length is None or self.received < self.length:
+            want = READ_SIZE if self.length is None else min(READ_SIZE, self.length - self.received)
+            chunk = self.stream.read(want)
+            if not chunk:
+                return
+            self.received += len(chunk)
+            yield chunk
+
+    def drain(self, max_size: int) -> None:
+        if self.length is not None:
+            _drain(self.stream, min(max_size, self.length - self.received))
+
+
+def _length_of(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
 
 
 def _length(request: UploadRequest) -> int | None:

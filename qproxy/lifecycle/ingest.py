@@ -88,6 +88,21 @@ class Intake:
         self._current: tuple[FileStart, TempFile] | None = None
         self._settled = False
 
+    @classmethod
+    def of_file(cls, stores: Stores, temp: TempFile, *, filename: str, content_type: str) -> Intake:
+        """The intake of one complete file received otherwise (a finished tus upload):
+        handed to the app as a raw-body upload is, committed as its answer decides."""
+        rewriter = RawBodyRewriter(
+            field="file",
+            filename=filename,
+            content_type=content_type,
+            max_body=stores.config.max_upload_bytes,
+        )
+        intake = cls(stores, Plan(rewriter=rewriter, offloaded=True))
+        rewriter.finish()
+        intake._keep(rewriter.start, temp)
+        return intake
+
     @property
     def offloaded(self) -> bool:
         """The body is already stored (nginx wrote it): the adapter reads none."""

@@ -22,6 +22,7 @@ from qproxy.core.record import FileRecord
 from qproxy.errors import LeaseLost, QProxyError
 from qproxy.keys import validate_key
 from qproxy.lifecycle.files import delete, release, restore
+from qproxy.lifecycle.tus import Tus
 
 log = logging.getLogger("qproxy.sweep")
 
@@ -37,6 +38,7 @@ class SweepReport:
     replayed: int = 0
     dropped: int = 0
     pending_removed: int = 0
+    tus_expired: int = 0
     requeued: int = 0
     reservations_released: int = 0
     multipart_aborted: int = 0
@@ -59,6 +61,8 @@ def sweep(
     if local:
         report.replayed = replay_journal(stores, now=now)
         report.dropped = drop_local_copies(stores, now=now)
+        if stores.config.tus_path:
+            report.tus_expired = Tus(stores).remove_expired(now=now)
         report.pending_removed = remove_dead_pending(
             stores,
             max_age=stores.config.pending_max_age if pending_max_age is None else pending_max_age,

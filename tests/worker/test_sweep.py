@@ -99,6 +99,7 @@ def test_sweep_cli_reports(stack: Stack) -> None:
         "replayed",
         "dropped",
         "pending_removed",
+        "tus_expired",
         "requeued",
         "reservations_released",
         "multipart_aborted",

@@ -1,0 +1,182 @@
+"""Resumable uploads (tus 1.0.0) through nginx and the WSGI middleware, with tuspy (PyPI),
+a client nobody here wrote, and with plain requests for the protocol's error answers."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from tusclient import client as tus_client
+from tusclient.exceptions import TusCommunicationError
+
+from qproxy.compose import Stores
+from qproxy.dev.devstack import Stack
+from tests.conftest import _stack, needs_nginx, wait_state
+
+V = {"Tus-Resumable": "1.0.0"}
+OFFSET = {"Content-Type": "application/offset+octet-stream"}
+
+
+@pytest.fixture(scope="module")
+def tus_stack() -> Iterator[Stack]:
+    log = Path(tempfile.mkdtemp(prefix="qp-tus-")) / "completed.jsonl"
+    with _stack(QPROXY_TUS_PATH="/tus/", QP_TUS_LOG=str(log)) as stack:
+        stack.tus_log = log  # type: ignore[attr-defined]
+        yield stack
+
+
+def completed(stack: Stack, upload_url: str) -> str:
+    """The key the app was handed for the upload at ``upload_url``."""
+    upload_id = upload_url.rstrip("/").rsplit("/", 1)[-1]
+    for line in stack.tus_log.read_text().splitlines():  # type: ignore[attr-defined]
+        entry = json.loads(line)
+        if entry["upload"] == upload_id:
+            return str(entry["keys"][0])
+    raise AssertionError(f"{upload_id} never completed")
+
+
+def s3_bytes(stack: Stack, key: str) -> bytes:
+    record = Stores(stack.config).state.get(key)
+    assert record is not None
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    return s3.get_object(Bucket="qproxy-dev", Key=record.object)["Body"].read()
+
+
+def meta(**values: str) -> str:
+    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in values.items())
+
+
+@needs_nginx
+def test_tuspy_uploads_in_chunks_and_resumes_after_the_server_is_killed(
+    tus_stack: Stack, tmp_path: Path
+) -> None:
+    stack = tus_stack
+    data = os.urandom(5 * 1024 * 1024 + 123)
+    source = tmp_path / "holiday.mp4"
+    source.write_bytes(data)
+    client = tus_client.TusClient(f"{stack.front}/tus/")
+    uploader = client.uploader(
+        str(source), chunk_size=1024 * 1024, metadata={"filename": "holiday.mp4"}
+    )
+    uploader.upload_chunk()
+    uploader.upload_chunk()
+    assert uploader.offset == 2 * 1024 * 1024
+    url = uploader.url
+    # The app server dies (kill -9) with two chunks acknowledged, and comes back.
+    stack.services["app"].signal(signal.SIGKILL)
+    with pytest.raises(TusCommunicationError):
+        uploader.upload_chunk()
+    stack.restart("app")
+    # A new client resumes from the offset the server holds (HEAD), not from zero.
+    resumed = client.uploader(str(source), url=url, chunk_size=1024 * 1024)
+    assert resumed.offset == 2 * 1024 * 1024
+    resumed.upload()
+    key = completed(stack, url)
+    wait_state(Stores(stack.config), key, "remote")
+    body = s3_bytes(stack, key)
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(data).hexdigest()
+    record = Stores(stack.config).state.get(key)
+    assert record is not None and record.filename == "holiday.mp4"
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+    # Served like any upload.
+    served = httpx.get(f"{stack.front}/media/{key}", follow_redirects=True, timeout=30)
+    assert served.content == data
+
+
+@needs_nginx
+def test_the_protocols_answers(tus_stack: Stack) -> None:
+    base = f"{tus_stack.front}/tus/"
+    with httpx.Client(timeout=30) as http:
+        options = http.options(base)
+        assert options.status_code == 204 and options.headers["tus-version"] == "1.0.0"
+        assert "checksum" in options.headers["tus-extension"]
+        assert http.post(base, headers={"Upload-Length": "5"}).status_code == 412
+        # The app refuses a creation: its status.
+        refused = http.post(
+            base,
+            headers={**V, "Upload-Length": "5", "Upload-Metadata": meta(filename="refused.bin")},
+        )
+        assert refused.status_code == 403 and refused.text == "not for you\n"
+        made = http.post(base, headers={**V, "Upload-Length": "10"})
+        assert made.status_code == 201
+        url = tus_stack.front + made.headers["location"]
+        head = http.head(url, headers=V)
+        assert head.headers["upload-offset"] == "0" and head.headers["upload-length"] == "10"
+        assert head.headers["cache-control"] == "no-store"
+        # Wrong offset: 409; past the length: 413; a bad checksum: 460 and nothing kept.
+        wrong = http.patch(url, headers={**V, **OFFSET, "Upload-Offset": "3"}, content=b"abc")
+        assert wrong.status_code == 409
+        long = http.patch(url, headers={**V, **OFFSET, "Upload-Offset": "0"}, content=b"x" * 11)
+        assert long.status_code == 413
+        bad = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        mismatch = http.patch(
+            url,
+            headers={**V, **OFFSET, "Upload-Offset": "0", "Upload-Checksum": f"sha1 {bad}"},
+            content=b"hello",
+        )
+        assert mismatch.status_code == 460
+        assert http.head(url, headers=V).headers["upload-offset"] == "0"
+        good = base64.b64encode(hashlib.sha1(b"hello").digest()).decode()
+        ok = http.patch(
+            url,
+            headers={**V, **OFFSET, "Upload-Offset": "0", "Upload-Checksum": f"sha1 {good}"},
+            content=b"hello",
+        )
+        assert ok.status_code == 204 and ok.headers["upload-offset"] == "5"
+        # Termination: gone on disk, never in S3.
+        upload_id = url.rsplit("/", 1)[-1]
+        partial = tus_stack.config.local_path / ".qp" / "tus" / f"{upload_id}.bin"
+        assert partial.exists()
+        assert http.delete(url, headers=V).status_code == 204
+        assert not partial.exists()
+        assert http.head(url, headers=V).status_code == 404
+        # Deferred length, creation-with-upload, and the app refusing at the end.
+        deferred = http.post(
+            base,
+            headers={
+                **V,
+                **OFFSET,
+                "Upload-Defer-Length": "1",
+                "Upload-Metadata": meta(filename="refused-at-end.bin"),
+            },
+            content=b"12345",
+        )
+        assert deferred.status_code == 201 and deferred.headers["upload-offset"] == "5"
+        url = tus_stack.front + deferred.headers["location"]
+        assert http.head(url, headers=V).headers["upload-defer-length"] == "1"
+        end = http.patch(
+            url, headers={**V, **OFFSET, "Upload-Offset": "5", "Upload-Length": "8"}, content=b"678"
+        )
+        assert end.status_code == 422 and end.text == "no thanks\n"
+        # Nothing kept that the app did not accept.
+        time.sleep(0.2)
+        upload_id = url.rsplit("/", 1)[-1]
+        assert not (tus_stack.config.local_path / ".qp" / "tus" / f"{upload_id}.bin").exists()
+        assert list(Stores(tus_stack.config).local.pending_files()) == []
+
+
+@needs_nginx
+def test_an_expired_upload_is_gone(tus_stack: Stack) -> None:
+    from qproxy.worker.sweep import sweep
+
+    base = f"{tus_stack.front}/tus/"
+    made = httpx.post(base, headers={**V, "Upload-Length": "10"}, timeout=30)
+    url = tus_stack.front + made.headers["location"]
+    upload_id = url.rsplit("/", 1)[-1]
+    partial = tus_stack.config.local_path / ".qp" / "tus" / f"{upload_id}.bin"
+    assert partial.exists()
+    # The sweep, a day later (QPROXY_TUS_EXPIRE_SECONDS): removed, 404.
+    later = time.time() + tus_stack.config.tus_expire_seconds + 1
+    report = sweep(Stores(tus_stack.config), now=later, cluster=False)
+    assert report.tus_expired >= 1 and not partial.exists()
+    assert httpx.head(url, headers=V, timeout=30).status_code == 404
