@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -47,9 +49,32 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     yield
 
 
+async def tus_create(request: Request) -> Response:
+    # QPROXY_TUS_PATH=/tus/: the app decides each creation.
+    info = request.scope.get("qproxy.tus", {})
+    if info.get("metadata", {}).get("filename") == "refused.bin":
+        return PlainTextResponse("not for you\n", status_code=403)
+    return Response(status_code=201)
+
+
+async def tus_complete(request: Request) -> Response:
+    # The request that completes an upload: a raw-body upload, as any other.
+    keys = [u.key for u in request.scope.get("qproxy.uploads", [])]
+    if request.scope["qproxy.tus"]["metadata"].get("filename") == "refused-at-end.bin":
+        return PlainTextResponse("no thanks\n", status_code=422)
+    log = os.environ.get("QP_TUS_LOG")
+    if log:
+        with open(log, "a") as fh:
+            upload_id = request.path_params["upload_id"]
+            fh.write(json.dumps({"upload": upload_id, "keys": keys}) + "\n")
+    return Response(status_code=204)
+
+
 def starlette_app() -> ASGIApp:
     app = Starlette(
         routes=[
+            Route("/tus/", tus_create, methods=["POST"]),
+            Route("/tus/{upload_id}", tus_complete, methods=["PATCH", "POST"]),
             Route("/upload", upload, methods=["POST"]),
             Route("/ping", ping),
             Route("/", ping),

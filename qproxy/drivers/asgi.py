@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qproxy.compose import Stores
 from qproxy.config import Config
+from qproxy.core import tus as tus_core
 from qproxy.core.upload import (
     KEY_HEADER,
     PRIVATE_HEADERS,
@@ -32,6 +35,7 @@ from qproxy.core.upload import (
 )
 from qproxy.errors import ClientDisconnected, QProxyError
 from qproxy.lifecycle.ingest import Intake, begin
+from qproxy.lifecycle.tus import Tus
 
 log = logging.getLogger("qproxy")
 
@@ -69,6 +73,12 @@ class UploadMiddleware:
         if any(name in _PRIVATE for name, _ in raw_headers):
             raw_headers = [(n, v) for n, v in raw_headers if n not in _PRIVATE]
             scope = {**scope, "headers": raw_headers}
+        scope.pop("qproxy.tus", None)
+        tus_path = self.config.tus_path
+        path = scope["path"]
+        if tus_path and (path.startswith(tus_path) or path + "/" == tus_path):
+            await self._tus(scope, receive, send, headers, path[len(tus_path) :])
+            return
         request = UploadRequest(
             method=scope["method"],
             path=scope["path"],
@@ -119,6 +129,86 @@ class UploadMiddleware:
         uploads = Uploads(intake.files, response.settle)
         app_scope = {**scope, "headers": new_headers, "qproxy.uploads": uploads}
         await response.run(self.app, app_scope)
+
+    # -- tus: resumable uploads (the WSGI middleware's flow, its I/O in threads) -------------
+
+    @functools.cached_property
+    def tus(self) -> Tus:
+        return Tus(self.stores)
+
+    async def _tus(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], rest: str
+    ) -> None:
+        tus = self.tus
+        length = headers.get("content-length", "")
+        body = _TusBody(receive, int(length) if length.isdigit() else None)
+        try:
+            call = tus_core.parse(scope["method"], rest, headers, max_size=tus.max_size)
+            if call.kind == "options":
+                await _send(tus_core.options_answer(max_size=tus.max_size), send)
+                return
+            if call.kind == "head":
+                upload = await anyio.to_thread.run_sync(tus.get, call.upload_id)
+                await _send(tus_core.head_answer(upload), send)
+                return
+            if call.kind == "delete":
+                await anyio.to_thread.run_sync(tus.terminate, call.upload_id)
+                await _send(tus_core.terminated_answer(), send)
+                return
+            if call.kind == "create":
+                info = {"length": call.length, "metadata": tus_core.parse_metadata(call.metadata)}
+                status, app_headers, answer = await _ask(
+                    self.app, {**scope, "qproxy.tus": info}, None
+                )
+                if status >= 400:
+                    await body.drain(tus.max_size)
+                    await _send_raw(status, app_headers, answer, send)
+                    return
+                upload = await anyio.to_thread.run_sync(tus.create, call)
+                if call.body_length:
+                    upload = await anyio.to_thread.run_sync(tus.append, upload, call, body.chunks())
+                if upload.complete and await self._tus_complete(scope, send, upload):
+                    return
+                location = tus.location(upload.upload_id)
+                created = tus_core.created_answer(
+                    location, upload, with_body=bool(call.body_length)
+                )
+                await _send(created, send)
+                return
+            upload = await anyio.to_thread.run_sync(tus.get, call.upload_id)
+            upload = await anyio.to_thread.run_sync(tus.append, upload, call, body.chunks())
+            if upload.complete and await self._tus_complete(scope, send, upload):
+                return
+            await _send(tus_core.patched_answer(upload), send)
+        except tus_core.TusRefusal as refused:
+            await body.drain(tus.max_size)
+            await _send(refused.answer(), send)
+
+    async def _tus_complete(self, scope: Scope, send: Send, upload: tus_core.Upload) -> bool:
+        """The last byte is in: the app gets the file as a raw-body upload and its answer
+        decides the commit. True when it refused (its answer was sent)."""
+        intake = await anyio.to_thread.run_sync(self.tus.finish, upload)
+        settle = Settle()
+        assert intake.raw_key is not None
+        headers = [(n, v) for n, v in scope.get("headers", []) if n not in _DROP]
+        headers += [(b"content-length", b"0"), (_KEY, intake.raw_key.encode())]
+        info = {"length": upload.length, "metadata": tus_core.parse_metadata(upload.metadata)}
+        app_scope = {
+            **scope,
+            "headers": headers,
+            "qproxy.uploads": Uploads(intake.files, settle),
+            "qproxy.tus": info,
+        }
+        try:
+            status, app_headers, answer = await _ask(self.app, app_scope, settle)
+        except BaseException:
+            await anyio.to_thread.run_sync(intake.settle, settle.failed())
+            raise
+        await anyio.to_thread.run_sync(intake.settle, settle.finished())
+        if settle.outcome == "commit":
+            return False
+        await _send_raw(status if status >= 400 else 400, app_headers, answer, send)
+        return True
 
     def _budget(self, request: UploadRequest, received: int) -> int:
         try:
@@ -260,6 +350,76 @@ class _Response:
             await self._carry_out(self.settle.failed())
             raise
         await self._carry_out(self.settle.finished())
+
+
+class _TusBody:
+    """A tus request's body: chunks for a worker thread (each fetched from the event loop),
+    or thrown away before a refusal."""
+
+    def __init__(self, receive: Receive, length: int | None) -> None:
+        self.receive = receive
+        self.length = length
+        self.received = 0
+        self.ended = False
+
+    async def _next(self) -> Message:
+        return await self.receive()
+
+    def chunks(self) -> Iterator[bytes]:
+        while not self.ended:
+            message = anyio.from_thread.run(self._next)
+            if message["type"] == "http.disconnect":
+                self.ended = True
+                return
+            data = message.get("body", b"")
+            self.ended = not message.get("more_body", False)
+            if data:
+                self.received += len(data)
+                yield data
+
+    async def drain(self, max_size: int) -> None:
+        if not self.ended:
+            left = max_size if self.length is None else self.length - self.received
+            await _drain(self.receive, min(max_size, left))
+            self.ended = True
+
+
+async def _ask(
+    app: ASGIApp, scope: Scope, settle: Settle | None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Run the app on an empty body and keep its answer (tus sends its own on success)."""
+    answer: dict[str, Any] = {"status": 500, "headers": []}
+    parts: list[bytes] = []
+    given = False
+
+    async def receive() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            if settle is not None:
+                settle.looked_at()
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError  # (never)
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = int(message["status"])
+            answer["headers"] = list(message.get("headers", []))
+            if settle is not None:
+                settle.started(answer["status"])
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return answer["status"], answer["headers"], b"".join(parts)
+
+
+async def _send_raw(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes, send: Send
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _send(answer: Answer, send: Send) -> None:

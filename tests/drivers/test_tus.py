@@ -27,10 +27,15 @@ V = {"Tus-Resumable": "1.0.0"}
 OFFSET = {"Content-Type": "application/offset+octet-stream"}
 
 
-@pytest.fixture(scope="module")
-def tus_stack() -> Iterator[Stack]:
+@pytest.fixture(
+    scope="module",
+    params=["tests.apps:make_app", "tests.asgi_apps:starlette_app"],
+    ids=["wsgi", "asgi"],
+)
+def tus_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    # Both middlewares speak tus: a Flask app (WSGI) and a Starlette app (ASGI).
     log = Path(tempfile.mkdtemp(prefix="qp-tus-")) / "completed.jsonl"
-    with _stack(QPROXY_TUS_PATH="/tus/", QP_TUS_LOG=str(log)) as stack:
+    with _stack(app=request.param, QPROXY_TUS_PATH="/tus/", QP_TUS_LOG=str(log)) as stack:
         stack.tus_log = log  # type: ignore[attr-defined]
         yield stack
 
