@@ -28,6 +28,7 @@ EXTENSIONS = (
     "expiration",
     "checksum",
     "termination",
+    "concatenation",
 )
 # sha1 is the one the protocol requires; the others as clients send them.
 CHECKSUMS = ("sha1", "md5", "sha256", "crc32")
@@ -36,6 +37,7 @@ OFFSET_TYPE = "application/offset+octet-stream"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{16,64}")
 _METADATA_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
 MAX_METADATA_BYTES = 4096
+MAX_PARTS = 1000  # partial uploads in one concatenation
 
 Kind = Literal["options", "create", "head", "patch", "delete"]
 
@@ -71,6 +73,8 @@ class TusCall:
     metadata: str = ""  # Upload-Metadata as sent (kept, and given back by HEAD)
     checksum: Checksum | None = None
     body_length: int | None = None  # Content-Length of a body to append
+    concat: str = ""  # Upload-Concat: "partial", "final" (of ``parts``), or ""
+    parts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -82,11 +86,18 @@ class Upload:
     offset: int = 0
     metadata: str = ""
     expires: float = 0.0
+    concat: str = ""
+    parts: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
         return self.length is not None and self.offset == self.length
+
+    @property
+    def is_partial(self) -> bool:
+        """A part of a later concatenation: complete, it waits for its final upload."""
+        return self.concat == "partial"
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -158,6 +169,13 @@ def parse(method: str, rest: str, headers: Mapping[str, str], *, max_size: int) 
     if method == "POST":
         if upload_id:
             raise TusRefusal(405, "POST creates uploads at the tus path itself")
+        concat, parts = _concat(headers)
+        if concat == "final":
+            if _header(headers, "upload-length") is not None or _number(headers, "content-length"):
+                raise TusRefusal(400, "a final upload has no Upload-Length and no body")
+            metadata = _header(headers, "upload-metadata") or ""
+            parse_metadata(metadata)
+            return TusCall("create", metadata=metadata, concat="final", parts=parts, offset=0)
         length = _number(headers, "upload-length")
         defer = _header(headers, "upload-defer-length")
         if defer is not None and defer != "1":
@@ -179,6 +197,7 @@ def parse(method: str, rest: str, headers: Mapping[str, str], *, max_size: int) 
             checksum=_checksum(headers),
             body_length=body_length,
             offset=0,
+            concat=concat,
         )
     if not upload_id:
         raise TusRefusal(405, f"{method} needs an upload's URL", (("Allow", "POST, OPTIONS"),))
@@ -202,6 +221,28 @@ def parse(method: str, rest: str, headers: Mapping[str, str], *, max_size: int) 
     raise TusRefusal(405, f"{method} is not part of tus", (("Allow", "HEAD, PATCH, DELETE"),))
 
 
+def _concat(headers: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
+    """``Upload-Concat``: ``partial``, or ``final;URL URL ...`` (the partial uploads, in
+    order, by their URLs or paths)."""
+    value = _header(headers, "upload-concat")
+    if value is None:
+        return "", ()
+    if value == "partial":
+        return "partial", ()
+    kind, _, urls = value.partition(";")
+    if kind.strip() != "final" or not urls.strip():
+        raise TusRefusal(400, "Upload-Concat must be 'partial' or 'final;URL URL...'")
+    parts = []
+    for url in urls.split():
+        upload_id = url.rstrip("/").rsplit("/", 1)[-1]
+        if not _ID.fullmatch(upload_id):
+            raise TusRefusal(400, f"Upload-Concat: {url[:100]!r} is not an upload of this server")
+        parts.append(upload_id)
+    if len(parts) > MAX_PARTS:
+        raise TusRefusal(400, f"Upload-Concat: more than {MAX_PARTS} parts")
+    return "final", tuple(parts)
+
+
 def _patch_type(headers: Mapping[str, str]) -> None:
     content_type = (_header(headers, "content-type") or "").split(";")[0].strip().lower()
     if content_type != OFFSET_TYPE:
@@ -213,6 +254,8 @@ def check_patch(call: TusCall, upload: Upload, *, max_size: int) -> int | None:
     length given now), else None. Raises :class:`TusRefusal` (409 wrong offset, 413 past
     the length)."""
     assert call.offset is not None
+    if upload.concat == "final":
+        raise TusRefusal(403, "a final upload cannot be patched")
     if call.offset != upload.offset:
         raise TusRefusal(
             409,
@@ -279,6 +322,10 @@ def head_answer(upload: Upload) -> Answer:
         headers += (("Upload-Length", str(upload.length)),)
     if upload.metadata:
         headers += (("Upload-Metadata", upload.metadata),)
+    if upload.concat == "partial":
+        headers += (("Upload-Concat", "partial"),)
+    elif upload.concat == "final":
+        headers += (("Upload-Concat", "final;" + " ".join(upload.parts)),)
     return answer(200, headers + _expires(upload.expires))
 
 

@@ -149,7 +149,7 @@ class UploadMiddleware:
                 return
             if call.kind == "head":
                 upload = await anyio.to_thread.run_sync(tus.get, call.upload_id)
-                await _send(tus_core.head_answer(upload), send)
+                await _send(tus_core.head_answer(tus.parts_shown(upload)), send)
                 return
             if call.kind == "delete":
                 await anyio.to_thread.run_sync(tus.terminate, call.upload_id)
@@ -164,10 +164,12 @@ class UploadMiddleware:
                     await body.drain(tus.max_size)
                     await _send_raw(status, app_headers, answer, send)
                     return
-                upload = await anyio.to_thread.run_sync(tus.create, call)
+                make = tus.create_final if call.concat == "final" else tus.create
+                upload = await anyio.to_thread.run_sync(make, call)
                 if call.body_length:
                     upload = await anyio.to_thread.run_sync(tus.append, upload, call, body.chunks())
-                if upload.complete and await self._tus_complete(scope, send, upload):
+                done = upload.complete and not upload.is_partial
+                if done and await self._tus_complete(scope, send, upload):
                     return
                 location = tus.location(upload.upload_id)
                 created = tus_core.created_answer(
@@ -177,7 +179,8 @@ class UploadMiddleware:
                 return
             upload = await anyio.to_thread.run_sync(tus.get, call.upload_id)
             upload = await anyio.to_thread.run_sync(tus.append, upload, call, body.chunks())
-            if upload.complete and await self._tus_complete(scope, send, upload):
+            done = upload.complete and not upload.is_partial
+            if done and await self._tus_complete(scope, send, upload):
                 return
             await _send(tus_core.patched_answer(upload), send)
         except tus_core.TusRefusal as refused:
@@ -193,8 +196,15 @@ class UploadMiddleware:
         headers = [(n, v) for n, v in scope.get("headers", []) if n not in _DROP]
         headers += [(b"content-length", b"0"), (_KEY, intake.raw_key.encode())]
         info = {"length": upload.length, "metadata": tus_core.parse_metadata(upload.metadata)}
+        # Always as PATCH of the upload's own URL (also when a POST brought the last byte:
+        # creation-with-upload, concatenation), so the app has one route for it.
+        location = self.tus.location(upload.upload_id)
         app_scope = {
             **scope,
+            "method": "PATCH",
+            "path": location,
+            "raw_path": location.encode(),
+            "query_string": b"",
             "headers": headers,
             "qproxy.uploads": Uploads(intake.files, settle),
             "qproxy.tus": info,

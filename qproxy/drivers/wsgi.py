@@ -144,7 +144,8 @@ class UploadMiddleware:
             if call.kind == "options":
                 return _send(tus_core.options_answer(max_size=self.tus.max_size), start_response)
             if call.kind == "head":
-                return _send(tus_core.head_answer(self.tus.get(call.upload_id)), start_response)
+                upload = self.tus.parts_shown(self.tus.get(call.upload_id))
+                return _send(tus_core.head_answer(upload), start_response)
             if call.kind == "delete":
                 self.tus.terminate(call.upload_id)
                 return _send(tus_core.terminated_answer(), start_response)
@@ -152,7 +153,7 @@ class UploadMiddleware:
                 return self._tus_create(environ, start_response, call, body)
             upload = self.tus.get(call.upload_id)
             upload = self.tus.append(upload, call, body.chunks())
-            if upload.complete:
+            if upload.complete and not upload.is_partial:
                 refused = self._tus_complete(environ, start_response, upload)
                 if refused is not None:
                     return refused
@@ -181,14 +182,15 @@ class UploadMiddleware:
             body.drain(self.tus.max_size)
             start_response(_status_line(status), app_headers)
             return [answer]
-        upload = self.tus.create(call)
+        make = self.tus.create_final if call.concat == "final" else self.tus.create
+        upload = make(call)
         location = self.tus.location(upload.upload_id)
         if call.body_length:
             upload = self.tus.append(upload, call, body.chunks())
-            if upload.complete:
-                refused = self._tus_complete(environ, start_response, upload)
-                if refused is not None:
-                    return refused
+        if upload.complete and not upload.is_partial:
+            refused = self._tus_complete(environ, start_response, upload)
+            if refused is not None:
+                return refused
         created = tus_core.created_answer(location, upload, with_body=bool(call.body_length))
         return _send(created, start_response)
 
@@ -200,6 +202,11 @@ class UploadMiddleware:
         intake = self.tus.finish(upload)
         settle = Settle()
         asked = {**environ}
+        # Always as PATCH of the upload's own URL (also when a POST brought the last byte:
+        # creation-with-upload, concatenation), so the app has one route for it.
+        asked["REQUEST_METHOD"] = "PATCH"
+        asked["PATH_INFO"] = self.tus.location(upload.upload_id)
+        asked["QUERY_STRING"] = ""
         asked["wsgi.input"] = _Body(b"", settle)
         asked["CONTENT_LENGTH"] = "0"
         asked["qproxy.uploads"] = Uploads(intake.files, settle)

@@ -46,8 +46,33 @@ class Tus:
             length=call.length,
             metadata=call.metadata,
             expires=time.time() + self.config.tus_expire_seconds,
+            concat=call.concat,
         )
         self.partials.create(upload.upload_id, self._state(upload))
+        return upload
+
+    def create_final(self, call: TusCall) -> Upload:
+        """Concatenation: a final upload made of complete partial ones, in order (complete
+        at once; the partial ones go once it is taken)."""
+        parts = [self.get(part) for part in call.parts]
+        for part in parts:
+            if not part.is_partial or not part.complete:
+                raise TusRefusal(400, f"{part.upload_id} is not a complete partial upload")
+        length = sum(part.offset for part in parts)
+        if length > self.max_size:
+            raise TusRefusal(413, f"the parts add up to over {self.max_size} bytes")
+        node = _NODE.sub("-", self.config.node_id)[:64] or "node"
+        upload = Upload(
+            upload_id=f"{node}.{secrets.token_urlsafe(18)}",
+            length=length,
+            metadata=call.metadata,
+            expires=time.time() + self.config.tus_expire_seconds,
+            concat="final",
+            parts=call.parts,
+        )
+        upload.offset = self.partials.concatenate(
+            upload.upload_id, list(call.parts), self._state(upload)
+        )
         return upload
 
     def _state(self, upload: Upload) -> dict[str, object]:
@@ -56,6 +81,8 @@ class Tus:
             "metadata": upload.metadata,
             "expires": upload.expires,
             "node": self.config.node_id,
+            "concat": upload.concat,
+            "parts": list(upload.parts),
         }
 
     def get(self, upload_id: str) -> Upload:
@@ -69,6 +96,8 @@ class Tus:
             offset=size,
             metadata=str(state.get("metadata", "")),
             expires=float(state.get("expires", 0.0)),
+            concat=str(state.get("concat", "")),
+            parts=tuple(state.get("parts", ())),
         )
         if upload.expires and upload.expires < time.time():
             self.partials.remove(upload_id)
@@ -106,7 +135,15 @@ class Tus:
         filename = meta.get("filename") or meta.get("name") or "upload.bin"
         content_type = meta.get("filetype") or meta.get("type") or "application/octet-stream"
         temp = self.partials.take(upload.upload_id, max_size=self.max_size)
+        for part in upload.parts:  # a final upload's partial ones: their bytes are in it
+            self.partials.remove(part)
         return Intake.of_file(self.stores, temp, filename=filename, content_type=content_type)
+
+    def parts_shown(self, upload: Upload) -> Upload:
+        """The upload as HEAD shows it (its parts by their URLs)."""
+        if upload.parts:
+            upload.parts = tuple(self.location(p) for p in upload.parts)
+        return upload
 
     def terminate(self, upload_id: str) -> None:
         if not self.partials.remove(upload_id):

@@ -185,3 +185,51 @@ def test_an_expired_upload_is_gone(tus_stack: Stack) -> None:
     report = sweep(Stores(tus_stack.config), now=later, cluster=False)
     assert report.tus_expired >= 1 and not partial.exists()
     assert httpx.head(url, headers=V, timeout=30).status_code == 404
+
+
+@needs_nginx
+def test_four_partial_uploads_sent_in_parallel_concatenate_into_one_file(
+    tus_stack: Stack,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = f"{tus_stack.front}/tus/"
+    pieces = [os.urandom(300_000 + i) for i in range(4)]
+
+    def send(piece: bytes) -> str:
+        with httpx.Client(timeout=30) as http:
+            made = http.post(
+                base, headers={**V, "Upload-Length": str(len(piece)), "Upload-Concat": "partial"}
+            )
+            assert made.status_code == 201
+            url = made.headers["location"]
+            half = len(piece) // 2
+            for start, end in ((0, half), (half, len(piece))):
+                sent = http.patch(
+                    tus_stack.front + url,
+                    headers={**V, **OFFSET, "Upload-Offset": str(start)},
+                    content=piece[start:end],
+                )
+                assert sent.status_code == 204
+            head = http.head(tus_stack.front + url, headers=V)
+            assert head.headers["upload-concat"] == "partial"
+            return str(url)
+
+    with ThreadPoolExecutor(4) as pool:
+        urls = list(pool.map(send, pieces))
+    final = httpx.post(
+        base,
+        headers={
+            **V,
+            "Upload-Concat": "final;" + " ".join(urls),
+            "Upload-Metadata": meta(filename="joined.bin"),
+        },
+        timeout=30,
+    )
+    assert final.status_code == 201, final.text
+    key = completed(tus_stack, final.headers["location"])
+    wait_state(Stores(tus_stack.config), key, "remote")
+    assert s3_bytes(tus_stack, key) == b"".join(pieces)
+    # The parts are gone (their bytes are in the final file); a final cannot be patched.
+    for url in urls:
+        assert httpx.head(tus_stack.front + url, headers=V, timeout=30).status_code == 404
