@@ -93,6 +93,8 @@ class Config:
     # Resumable uploads (tus 1.0.0) at this path, e.g. "/files/" (empty: off)
     tus_path: str = ""
     tus_expire_seconds: float = 86400.0  # an incomplete tus upload is removed after this
+    # comma-separated origins (or "*") whose browser clients may use the tus path
+    tus_cors_origins: str = ""
     on_transferred: str = ""  # dotted path of a callable(record: dict), run in the worker
     on_failed: str = ""
 
@@ -135,6 +137,10 @@ class Config:
     def raw_paths(self) -> tuple[str, ...]:
         """Paths whose non-multipart PUT/POST bodies are stored as one file."""
         return tuple(p.strip() for p in self.raw_upload_paths.split(",") if p.strip())
+
+    @property
+    def tus_origins(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/") for o in self.tus_cors_origins.split(",") if o.strip())
 
     @property
     def upload_globs(self) -> tuple[str, ...]:

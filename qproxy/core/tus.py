@@ -346,3 +346,44 @@ def terminated_answer() -> Answer:
 
 CHECKSUM_MISMATCH = 460
 PHRASES = {CHECKSUM_MISMATCH: "Checksum Mismatch"}
+
+
+# CORS, for browser clients on another origin (QPROXY_TUS_CORS_ORIGINS).
+_ALLOW_HEADERS = (
+    "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, "
+    "Upload-Offset, Upload-Defer-Length, Upload-Concat, Upload-Checksum, "
+    "X-HTTP-Method-Override, X-Requested-With"
+)
+_EXPOSE_HEADERS = (
+    "Location, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, "
+    "Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Metadata, "
+    "Upload-Defer-Length, Upload-Concat, Upload-Expires"
+)
+
+
+def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The CORS headers for a request from ``origin`` (none unless it is allowed; ``*``
+    allows every origin, credentials excluded)."""
+    if not origin or not allowed:
+        return ()
+    if "*" in allowed:
+        given = "*"
+    elif origin in allowed:
+        given = origin
+    else:
+        return ()
+    headers: tuple[tuple[str, str], ...] = (
+        ("Access-Control-Allow-Origin", given),
+        ("Access-Control-Allow-Methods", "POST, HEAD, PATCH, DELETE, OPTIONS"),
+        ("Access-Control-Allow-Headers", _ALLOW_HEADERS),
+        ("Access-Control-Expose-Headers", _EXPOSE_HEADERS),
+        ("Access-Control-Max-Age", "86400"),
+    )
+    if given != "*":
+        headers += (("Vary", "Origin"),)
+    return headers
+
+
+def with_cors(reply: Answer, origin: str | None, allowed: tuple[str, ...]) -> Answer:
+    extra = cors_headers(origin, allowed)
+    return Answer(reply.status, reply.headers + extra, reply.body) if extra else reply

@@ -140,6 +140,9 @@ class UploadMiddleware:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], rest: str
     ) -> None:
         tus = self.tus
+        cors = tus_core.cors_headers(headers.get("origin"), self.config.tus_origins)
+        if cors:  # every answer, the app's own refusals too, readable by the browser
+            send = _adding(send, [(n.lower().encode(), v.encode()) for n, v in cors])
         length = headers.get("content-length", "")
         body = _TusBody(receive, int(length) if length.isdigit() else None)
         try:
@@ -423,6 +426,15 @@ async def _ask(
 
     await app(scope, receive, send)
     return answer["status"], answer["headers"], b"".join(parts)
+
+
+def _adding(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sending
 
 
 async def _send_raw(

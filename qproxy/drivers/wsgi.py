@@ -139,6 +139,9 @@ class UploadMiddleware:
                 headers[name.replace("_", "-").lower()] = environ[name]
         body = _TusBody(environ["wsgi.input"], _length_of(headers))
         method = environ.get("REQUEST_METHOD", "GET")
+        cors = tus_core.cors_headers(headers.get("origin"), self.config.tus_origins)
+        if cors:  # every answer, the app's own refusals too, readable by the browser
+            start_response = _adding(start_response, cors)
         try:
             call = tus_core.parse(method, rest, headers, max_size=self.tus.max_size)
             if call.kind == "options":
@@ -226,6 +229,15 @@ class UploadMiddleware:
             return None
         start_response(_status_line(status if status >= 400 else 400), app_headers)
         return [body]
+
+
+def _adding(start_response: StartResponse, extra: tuple[tuple[str, str], ...]) -> StartResponse:
+    def start(
+        status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        return start_response(status, [*headers, *extra], exc_info)
+
+    return start
 
 
 def _status_line(status: int) -> str:

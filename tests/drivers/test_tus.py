@@ -35,7 +35,12 @@ OFFSET = {"Content-Type": "application/offset+octet-stream"}
 def tus_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     # Both middlewares speak tus: a Flask app (WSGI) and a Starlette app (ASGI).
     log = Path(tempfile.mkdtemp(prefix="qp-tus-")) / "completed.jsonl"
-    with _stack(app=request.param, QPROXY_TUS_PATH="/tus/", QP_TUS_LOG=str(log)) as stack:
+    with _stack(
+        app=request.param,
+        QPROXY_TUS_PATH="/tus/",
+        QPROXY_TUS_CORS_ORIGINS="https://app.example.com",
+        QP_TUS_LOG=str(log),
+    ) as stack:
         stack.tus_log = log  # type: ignore[attr-defined]
         yield stack
 
@@ -233,3 +238,42 @@ def test_four_partial_uploads_sent_in_parallel_concatenate_into_one_file(
     # The parts are gone (their bytes are in the final file); a final cannot be patched.
     for url in urls:
         assert httpx.head(tus_stack.front + url, headers=V, timeout=30).status_code == 404
+
+
+@needs_nginx
+def test_browser_clients_on_an_allowed_origin_get_cors(tus_stack: Stack) -> None:
+    base = f"{tus_stack.front}/tus/"
+    mine = {"Origin": "https://app.example.com"}
+    preflight = httpx.options(
+        base,
+        headers={
+            **mine,
+            "Access-Control-Request-Method": "PATCH",
+            "Access-Control-Request-Headers": "tus-resumable,upload-offset,content-type",
+        },
+        timeout=30,
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "PATCH" in preflight.headers["access-control-allow-methods"]
+    assert "upload-offset" in preflight.headers["access-control-allow-headers"].lower()
+    made = httpx.post(base, headers={**V, **mine, "Upload-Length": "3"}, timeout=30)
+    assert made.headers["access-control-allow-origin"] == "https://app.example.com"
+    exposed = made.headers["access-control-expose-headers"].lower()
+    assert "location" in exposed and "upload-offset" in exposed
+    # The app's own refusal is readable too; another origin gets no CORS at all.
+    refused = httpx.post(
+        base,
+        headers={
+            **V,
+            **mine,
+            "Upload-Length": "5",
+            "Upload-Metadata": meta(filename="refused.bin"),
+        },
+        timeout=30,
+    )
+    assert refused.status_code == 403 and "access-control-allow-origin" in refused.headers
+    other = httpx.post(
+        base, headers={**V, "Origin": "https://evil.example", "Upload-Length": "3"}, timeout=30
+    )
+    assert "access-control-allow-origin" not in other.headers
