@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # s3rver (npm): the S3 that checks presigned URLs (tests/stores/test_s3_presigned.py)
 S3RVER := .cache/s3rver/node_modules/.bin/s3rver
+# tus-js-client (npm): a tus client nobody here wrote, under node (tests/drivers/test_tus.py)
+TUSJS := .cache/tusjs/node_modules/tus-js-client/package.json
 
 .PHONY: bench test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
 
@@ -69,11 +71,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) $(S3RVER)
+pytest: $(STAMP) $(S3RVER) $(TUSJS)
 	$(BIN)/pytest
 
 $(S3RVER):
 	npm install --prefix .cache/s3rver --no-audit --no-fund --silent s3rver@3.7.1
+
+$(TUSJS):
+	npm install --prefix .cache/tusjs --no-audit --no-fund --silent tus-js-client@4.3.1
 
 ## benchmarks: ratios against baselines measured in the same run (needs wrk and curl)
 bench: system-deps $(STAMP)

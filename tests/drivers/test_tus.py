@@ -7,7 +7,9 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -277,3 +279,43 @@ def test_browser_clients_on_an_allowed_origin_get_cors(tus_stack: Stack) -> None
         base, headers={**V, "Origin": "https://evil.example", "Upload-Length": "3"}, timeout=30
     )
     assert "access-control-allow-origin" not in other.headers
+
+
+TUS_JS = Path(__file__).resolve().parents[2] / ".cache" / "tusjs" / "node_modules" / "tus-js-client"
+
+
+def tus_js(*args: str) -> dict[str, object]:
+    script = Path(__file__).resolve().parents[1] / "js" / "tus_upload.js"
+    done = subprocess.run(
+        ["node", str(script), *args],
+        env={**os.environ, "TUS_JS_CLIENT": str(TUS_JS)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@needs_nginx
+@pytest.mark.skipif(
+    not shutil.which("node"), reason="node is not installed (make test installs npm)"
+)
+def test_tus_js_client_resumes_after_the_server_is_killed(tus_stack: Stack, tmp_path: Path) -> None:
+    assert TUS_JS.exists(), "tus-js-client is missing: `make test` installs it (npm)"
+    stack = tus_stack
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    source = tmp_path / "phone-video.bin"
+    source.write_bytes(data)
+    chunk = str(512 * 1024)
+    first = tus_js(f"{stack.front}/tus/", str(source), chunk, "--stop-after", str(1024 * 1024))
+    assert first["done"] is False and first["offset"] == 1024 * 1024
+    # kill -9 of the app server with 1 MiB acknowledged; the client comes back later.
+    stack.services["app"].signal(signal.SIGKILL)
+    stack.restart("app")
+    url = str(first["url"])
+    second = tus_js(f"{stack.front}/tus/", str(source), chunk, "--resume", url)
+    assert second["done"] is True and second["startedAt"] == 1024 * 1024  # not from zero
+    key = completed(stack, url)
+    wait_state(Stores(stack.config), key, "remote")
+    assert s3_bytes(stack, key) == data
