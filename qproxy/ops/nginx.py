@@ -315,6 +315,31 @@ def location_app() -> str:
     )
 
 
+def location_tus(config: Config) -> str:
+    """QPROXY_TUS_PATH: resumable uploads, to the app's middleware, each PATCH streamed
+    through (the middleware fsyncs before it answers the offset)."""
+    path = config.tus_path
+    if any(c in path for c in ' "\\$;{}\r\n\x00'):
+        raise ConfigError(f"QPROXY_TUS_PATH {path!r} cannot be used in nginx's config")
+    return _lines(
+        I1,
+        "# Resumable uploads (tus): every method (OPTIONS, POST, HEAD, PATCH, DELETE) to the",
+        "# app's middleware, bodies streamed, answers never cached, no gzip of tus answers.",
+    ) + _location(
+        f"^~ {path}",
+        _lines(I2, "proxy_pass http://qproxy_app;"),
+        _proxy_common(I2),
+        _lines(
+            I2,
+            "proxy_request_buffering off;",
+            "proxy_buffering off;",
+            "gzip off;",
+            "proxy_read_timeout 600s;",
+            "proxy_send_timeout 600s;",
+        ),
+    )
+
+
 def location_offload(config: Config, pattern: str) -> str:
     """One raw-body upload path whose body nginx writes to disk itself (``--offload``)."""
     folder = (config.local_path / ".qp" / "offload").as_posix()
@@ -579,6 +604,8 @@ def server_block(config: Config, options: NginxOptions) -> str:
         location_app(),
         "\n",
     ]
+    if config.tus_path:
+        out += [location_tus(config), "\n"]
     if options.offload:
         out.append(_offload(config))
     if options.mode == "x-accel":

@@ -200,6 +200,10 @@ LOCATIONS = {
         nginx.location_retry(),
         ["proxy_set_header X-QP-Retry 1;", "proxy_pass http://qproxy_resolver$request_uri;"],
     ),
+    "tus": (
+        nginx.location_tus(Config.from_env({"QPROXY_TUS_PATH": "/files/"})),
+        ["location ^~ /files/ {", "proxy_request_buffering off;", "proxy_buffering off;"],
+    ),
     "peer": (
         nginx.location_peer(),
         [
