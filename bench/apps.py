@@ -25,7 +25,8 @@ def _form_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     from werkzeug.wrappers import Request as WRequest
 
     request = WRequest(environ)
-    body = json.dumps({"keys": request.form.getlist("file")}).encode()
+    stored = [u.key for u in environ.get("qproxy.uploads", [])]  # (a tus upload's too)
+    body = json.dumps({"keys": request.form.getlist("file") or stored}).encode()
     start_response("201 Created", [("Content-Type", "application/json")])
     return [body]
 

@@ -20,13 +20,14 @@ from bench.resolver import resolve_rows
 from bench.servers import servers_row
 from bench.state import state_row
 from bench.transfer import peer_pull_row, transfer_many_row, transfer_row
-from bench.uploads import latency_row, memory_row, upload_rows
+from bench.uploads import latency_row, memory_row, tus_row, upload_rows
 from qproxy.dev.devstack import AWS_TEST_ENV
 
 ROWS: dict[str, Callable[[Bench], None]] = {
     "upload": upload_rows,
     "memory": memory_row,
     "latency": latency_row,
+    "tus": tus_row,
     "resolve": resolve_rows,
     "servers": servers_row,
     "transfer": transfer_row,

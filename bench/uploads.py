@@ -7,6 +7,7 @@ import re
 import signal
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 from bench.common import (
@@ -282,3 +283,64 @@ def latency_row(b: Bench) -> None:
         row.note = f"{len(row.cand)} rounds" + ("" if documented else "; not a documented server")
         b.stop("lat-qproxy")
         b.stop("lat-inline")
+
+
+def tus_row(b: Bench) -> None:
+    """A resumable upload (tus) in 16 MiB chunks, each PATCH fsynced before its answer,
+    against one multipart upload of the same file through the same middleware."""
+    size, chunk = (8, 2) if b.quick else (256, 16)
+    size, chunk = size * MiB, chunk * MiB
+    path = b.big_file(size)
+    pieces = []
+    with open(path, "rb") as fh:
+        for i in range(size // chunk):
+            piece = b.tmp / f"tus-piece-{i}"
+            piece.write_bytes(fh.read(chunk))
+            pieces.append(piece)
+    worker = b.stack.services["worker"]
+    worker.signal(signal.SIGSTOP)  # transfers would compete for the 2 cores
+    try:
+        app = b.gunicorn(
+            "wsgi-qproxy-tus", "bench.apps:wsgi_qproxy()", env={"QPROXY_TUS_PATH": "/files/"}
+        )
+
+        def cand() -> float:
+            started = time.monotonic()
+            made = subprocess.run(
+                ["curl", "-s", "-D", "-", "-o", "/dev/null", "-X", "POST",
+                 "-H", "Tus-Resumable: 1.0.0", "-H", f"Upload-Length: {size}", app + "/files/"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            location = next(
+                line.split(":", 1)[1].strip()
+                for line in made.splitlines()
+                if line.lower().startswith("location:")
+            )
+            for i, piece in enumerate(pieces):
+                out = subprocess.run(
+                    ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PATCH",
+                     "-H", "Tus-Resumable: 1.0.0", "-H", f"Upload-Offset: {i * chunk}",
+                     "-H", "Content-Type: application/offset+octet-stream",
+                     "-T", str(piece), app + location],
+                    capture_output=True, text=True, check=True,
+                ).stdout  # fmt: skip
+                assert out == "204", out
+            rate = size / MiB / (time.monotonic() - started)
+            b.clean_local()
+            return rate
+
+        b.alternate(
+            Row(
+                f"tus upload {size // MiB} MiB in {chunk // MiB} MiB chunks, WSGI (gunicorn)",
+                "MiB/s",
+                "tus (each chunk fsynced), curl PATCHes",
+                "one multipart upload, same middleware",
+                target=">= 0.8x",
+                target_ratio=0.8,
+            ),
+            cand,
+            lambda: b.stored_upload(app + "/upload", path),
+            rounds=1 if b.quick else 3,
+        )
+    finally:
+        worker.signal(signal.SIGCONT)

@@ -38,6 +38,7 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         "resolve + serve",
         "resolve remote",
         "transfer 8 MiB",
+        "tus upload",
         "peer pull, 1 worker",
         "peer pull, 4 worker",
         "transfer 40 files",
