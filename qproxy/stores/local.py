@@ -133,10 +133,24 @@ class TempFile:
             self._fh = os.fdopen(fd, "wb", buffering=0)
 
     @classmethod
-    def adopt(cls, path: Path, *, max_size: int) -> TempFile:
+    def adopt(cls, path: Path, *, max_size: int, sha256: Any = None) -> TempFile:
         """A complete file someone else wrote (nginx, in offload mode), already moved into
-        the temp folder: hashed, made 0644 and flushed to stable storage here."""
+        the temp folder: hashed, made 0644 and flushed to stable storage here. ``sha256``:
+        its hash, already computed as it was written (then it is not read again)."""
         temp = cls(path, create=False)
+        if sha256 is not None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as exc:
+                raise _storage_error(exc) from exc
+            try:
+                temp.size = os.fstat(fd).st_size
+                os.fchmod(fd, FILE_MODE)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            temp._hash = sha256
+            return temp
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # (in a checked folder)
         except OSError as exc:

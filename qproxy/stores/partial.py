@@ -12,10 +12,12 @@ symlink.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,6 +70,10 @@ class Partials:
     def __init__(self, local: LocalStore) -> None:
         self.local = local
         self.folder = local.root.joinpath(*_FOLDER)
+        # The SHA-256 of each upload's bytes so far, kept as they are appended by this
+        # process: a completed upload is then not read again to hash it. After a restart
+        # (or PATCHes spread over processes) it is missing, and :meth:`take` reads the file.
+        self._hashes: OrderedDict[str, tuple[int, Any]] = OrderedDict()
 
     def _dir(self) -> int:
         self.local.ensure()
@@ -149,8 +155,18 @@ class Partials:
         finally:
             os.close(folder)
         check = hasher(checksum[0]) if checksum else None
+        running = self._hashes.pop(upload_id, None)
+        whole = running[1] if running is not None and running[0] == offset else None
+        if whole is None and offset == 0:
+            whole = hashlib.sha256()
+        if whole is not None and check is not None:
+            whole = whole.copy()  # (a mismatch must not leave its bytes in the hash)
         written = 0
         try:
+            try:  # one writer at a time, across threads and processes (released on close)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise OffsetMismatch("another request is writing this upload") from exc
             size = os.fstat(fd).st_size
             if size != offset:
                 raise OffsetMismatch(f"the upload is at {size}, not {offset}")
@@ -164,18 +180,28 @@ class Partials:
                         view = view[os.write(fd, view) :]
                     if check is not None:
                         check.update(chunk)
+                    if whole is not None:
+                        whole.update(chunk)
                     written += len(chunk)
             except BaseException:
                 if checksum is not None or written > limit:
                     os.ftruncate(fd, offset)
                     written = 0
+                else:
+                    whole = None  # (which bytes reached the file is not known exactly)
                 os.fsync(fd)
+                if whole is None and running is not None and written == 0:
+                    self._remember(upload_id, offset, running[1])
                 raise
             if check is not None and checksum is not None and check.digest() != checksum[1]:
                 os.ftruncate(fd, offset)
                 os.fsync(fd)
+                if running is not None:
+                    self._remember(upload_id, offset, running[1])
                 raise ChecksumMismatch("the bytes do not match Upload-Checksum")
             os.fsync(fd)
+            if whole is not None:
+                self._remember(upload_id, offset + written, whole)
         except OSError as exc:
             raise _storage_error(exc) from exc
         finally:
@@ -218,6 +244,11 @@ class Partials:
             os.close(folder)
         return size
 
+    def _remember(self, upload_id: str, offset: int, running: Any) -> None:
+        self._hashes[upload_id] = (offset, running)
+        while len(self._hashes) > 256:
+            self._hashes.popitem(last=False)
+
     def take(self, upload_id: str, *, max_size: int) -> TempFile:
         """The complete upload as a temp file of the local store (hashed by reading it back
         once: a SHA-256 cannot be carried across a restart), ready to commit."""
@@ -229,11 +260,15 @@ class Partials:
         finally:
             os.close(tmp)
             os.close(folder)
-        temp = TempFile.adopt(self.local.tmp_dir / name, max_size=max_size)
+        running = self._hashes.pop(upload_id, None)
+        path = self.local.tmp_dir / name
+        known = running[1] if running is not None and running[0] == path.stat().st_size else None
+        temp = TempFile.adopt(path, max_size=max_size, sha256=known)
         self.remove(upload_id)
         return temp
 
     def remove(self, upload_id: str) -> bool:
+        self._hashes.pop(upload_id, None)
         try:
             folder = self.local._folder(_FOLDER)
         except FileNotFoundError:

@@ -319,3 +319,54 @@ def test_tus_js_client_resumes_after_the_server_is_killed(tus_stack: Stack, tmp_
     key = completed(stack, url)
     wait_state(Stores(stack.config), key, "remote")
     assert s3_bytes(stack, key) == data
+
+
+@needs_nginx
+def test_the_hash_kept_while_appending_is_the_files(tus_stack: Stack) -> None:
+    # PATCHes to one process: the SHA-256 is kept as the bytes come (no second read), and
+    # a chunk refused for its checksum leaves no trace in it.
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    base = f"{tus_stack.front}/tus/"
+    with httpx.Client(timeout=30) as http:
+        made = http.post(
+            base,
+            headers={
+                **V,
+                "Upload-Length": str(len(data)),
+                "Upload-Metadata": meta(filename="k.bin"),
+            },
+        )
+        url = tus_stack.front + made.headers["location"]
+        half = len(data) // 2
+        assert (
+            http.patch(
+                url, headers={**V, **OFFSET, "Upload-Offset": "0"}, content=data[:half]
+            ).status_code
+            == 204
+        )
+        wrong = base64.b64encode(hashlib.sha1(b"nope").digest()).decode()
+        assert (
+            http.patch(
+                url,
+                headers={
+                    **V,
+                    **OFFSET,
+                    "Upload-Offset": str(half),
+                    "Upload-Checksum": f"sha1 {wrong}",
+                },
+                content=data[half:],
+            ).status_code
+            == 460
+        )
+        assert (
+            http.patch(
+                url, headers={**V, **OFFSET, "Upload-Offset": str(half)}, content=data[half:]
+            ).status_code
+            == 204
+        )
+    key = completed(tus_stack, url)
+    node = Stores(tus_stack.config)
+    record = node.state.get(key)
+    assert record is not None and record.sha256 == hashlib.sha256(data).hexdigest()
+    wait_state(node, key, "remote")  # the worker checks S3's checksum against it
+    assert s3_bytes(tus_stack, key) == data
