@@ -64,6 +64,11 @@ def hasher(algorithm: str) -> _Hasher:
     return hashlib.new(algorithm)
 
 
+def _new_data_file(folder: int, upload_id: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN
+    return os.open(f"{upload_id}.bin", flags, 0o644, dir_fd=folder)
+
+
 class Partials:
     """The resumable uploads of one node's local store."""
 
@@ -82,13 +87,7 @@ class Partials:
     def create(self, upload_id: str, state: dict[str, Any]) -> None:
         folder = self._dir()
         try:
-            fd = os.open(
-                f"{upload_id}.bin",
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN,
-                0o644,
-                dir_fd=folder,
-            )
-            os.close(fd)
+            os.close(_new_data_file(folder, upload_id))
             self._write_state(folder, upload_id, state)
             os.fsync(folder)
         except OSError as exc:
@@ -213,12 +212,7 @@ class Partials:
         fsynced. Returns its size."""
         folder = self._dir()
         try:
-            out = os.open(
-                f"{upload_id}.bin",
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN,
-                0o644,
-                dir_fd=folder,
-            )
+            out = _new_data_file(folder, upload_id)
             size = 0
             try:
                 for part in parts:
