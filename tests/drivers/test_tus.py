@@ -77,22 +77,25 @@ def test_tuspy_uploads_in_chunks_and_resumes_after_the_server_is_killed(
     source = tmp_path / "holiday.mp4"
     source.write_bytes(data)
     client = tus_client.TusClient(f"{stack.front}/tus/")
-    uploader = client.uploader(
-        str(source), chunk_size=1024 * 1024, metadata={"filename": "holiday.mp4"}
-    )
-    uploader.upload_chunk()
-    uploader.upload_chunk()
-    assert uploader.offset == 2 * 1024 * 1024
-    url = uploader.url
-    # The app server dies (kill -9) with two chunks acknowledged, and comes back.
-    stack.services["app"].signal(signal.SIGKILL)
-    with pytest.raises(TusCommunicationError):
+    # (Given a path, tuspy opens the file and never closes it: the test hands it streams.)
+    with open(source, "rb") as stream:
+        uploader = client.uploader(
+            file_stream=stream, chunk_size=1024 * 1024, metadata={"filename": "holiday.mp4"}
+        )
         uploader.upload_chunk()
+        uploader.upload_chunk()
+        assert uploader.offset == 2 * 1024 * 1024
+        url = uploader.url
+        # The app server dies (kill -9) with two chunks acknowledged, and comes back.
+        stack.services["app"].signal(signal.SIGKILL)
+        with pytest.raises(TusCommunicationError):
+            uploader.upload_chunk()
     stack.restart("app")
     # A new client resumes from the offset the server holds (HEAD), not from zero.
-    resumed = client.uploader(str(source), url=url, chunk_size=1024 * 1024)
-    assert resumed.offset == 2 * 1024 * 1024
-    resumed.upload()
+    with open(source, "rb") as stream:
+        resumed = client.uploader(file_stream=stream, url=url, chunk_size=1024 * 1024)
+        assert resumed.offset == 2 * 1024 * 1024
+        resumed.upload()
     key = completed(stack, url)
     wait_state(Stores(stack.config), key, "remote")
     body = s3_bytes(stack, key)
