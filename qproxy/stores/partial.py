@@ -96,12 +96,11 @@ class Partials:
         folder = self._dir()
         try:
             os.close(_new_data_file(folder, upload_id))
-            self._write_state(folder, upload_id, state)
-            os.fsync(folder)
         except OSError as exc:
             raise _storage_error(exc) from exc
         finally:
             os.close(folder)
+        self.save(upload_id, state)
 
     def save(self, upload_id: str, state: dict[str, Any]) -> None:
         folder = self._dir()
