@@ -93,7 +93,8 @@ def replay_journal(stores: Stores, *, now: float | None = None) -> int:
     except (FileNotFoundError, ValueError):
         offset = 0
     now = time.time() if now is None else now
-    rewind = _history_changed(stores, journal.path.with_suffix(".epoch"))
+    epoch_path = journal.path.with_suffix(".epoch")
+    rewind, epoch = _history_changed(stores, epoch_path)
     if rewind:
         offset = min(offset, journal.offset_since(now - REWIND_SECONDS))
         log.warning(
@@ -146,18 +147,22 @@ def replay_journal(stores: Stores, *, now: float | None = None) -> int:
                 replayed += delete(stores, entry["key"])
     if entries:
         offset_path.write_text(str(entries[-1][0]))
+    # The history is recorded with the offset (the first time, once the journal has
+    # entries), not on a janitor round of its own: no bookkeeping file appears under the
+    # root of a node that has accepted nothing.
+    if epoch and (entries or rewind):
+        epoch_path.write_text(epoch)
     return replayed
 
 
-def _history_changed(stores: Stores, path: Path) -> bool:
+def _history_changed(stores: Stores, path: Path) -> tuple[bool, str]:
+    """Whether Redis's history changed since it was recorded, and the current one."""
     current = stores.state.epoch()
     try:
         seen = path.read_text()
     except FileNotFoundError:
         seen = ""
-    if current and current != seen:
-        path.write_text(current)
-    return bool(seen and current and current != seen)
+    return bool(seen and current and current != seen), current
 
 
 def _lost_version(stores: Stores, key: str, entry: dict[str, Any]) -> bool:
