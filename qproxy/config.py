@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from qproxy.errors import ConfigError
 
@@ -92,6 +93,9 @@ class Config:
     inline_types: str = ",".join(DEFAULT_INLINE_TYPES)
     # Resumable uploads (tus 1.0.0) at this path, e.g. "/files/" (empty: off)
     tus_path: str = ""
+    # Where other web nodes reach this node's nginx, for the tus uploads it holds (empty:
+    # QPROXY_NODE_URL's host on port 80)
+    node_tus_url: str = ""
     tus_expire_seconds: float = 86400.0  # an incomplete tus upload is removed after this
     # comma-separated origins (or "*") whose browser clients may use the tus path
     tus_cors_origins: str = ""
@@ -141,6 +145,14 @@ class Config:
     @property
     def tus_origins(self) -> tuple[str, ...]:
         return tuple(o.strip().rstrip("/") for o in self.tus_cors_origins.split(",") if o.strip())
+
+    @property
+    def tus_url(self) -> str:
+        """Where other nodes send the tus requests of uploads this node holds."""
+        if self.node_tus_url:
+            return self.node_tus_url.rstrip("/")
+        host = urlsplit(self.node_url).hostname or "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:80"
 
     @property
     def upload_globs(self) -> tuple[str, ...]:

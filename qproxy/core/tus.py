@@ -38,6 +38,13 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{16,64}")
 _METADATA_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
 MAX_METADATA_BYTES = 4096
 MAX_PARTS = 1000  # partial uploads in one concatenation
+_NODE_TAG = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def node_tag(node_id: str) -> str:
+    """How an upload's id names the node that holds it (the part before the dot)."""
+    return _NODE_TAG.sub("-", node_id)[:64] or "node"
+
 
 Kind = Literal["options", "create", "head", "patch", "delete"]
 
@@ -219,6 +226,23 @@ def parse(method: str, rest: str, headers: Mapping[str, str], *, max_size: int) 
             body_length=_number(headers, "content-length"),
         )
     raise TusRefusal(405, f"{method} is not part of tus", (("Allow", "HEAD, PATCH, DELETE"),))
+
+
+def holder(method: str, rest: str, headers: Mapping[str, str]) -> str | None:
+    """The tag of the node holding the upload that a request on the tus path (plus ``rest``)
+    is about: its own for HEAD, PATCH and DELETE, its first part's for a concatenation.
+    None: no upload yet (a creation, OPTIONS) or a request the node's own app refuses."""
+    method = headers.get("x-http-method-override", "") or method
+    upload_id = rest.strip("/")
+    if not upload_id and method.upper() == "POST":
+        try:
+            kind, parts = _concat(headers)
+        except TusRefusal:
+            return None
+        upload_id = parts[0] if kind == "final" else ""
+    if not _ID.fullmatch(upload_id):
+        return None
+    return upload_id.partition(".")[0]
 
 
 def _concat(headers: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:

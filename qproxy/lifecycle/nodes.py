@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qproxy.compose import Stores
+from qproxy.core import tus
 from qproxy.core.record import State
 from qproxy.errors import LeaseLost
 from qproxy.stores.local import PRIVATE
@@ -37,6 +38,7 @@ class Node:
     url: str
     seen: float
     draining: bool
+    tus_url: str = ""
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.seen)
@@ -67,6 +69,7 @@ def heartbeat(stores: Stores) -> None:
         config.node_id,
         {
             "url": config.node_url,
+            "tus_url": config.tus_url,
             "seen": time.time(),
             "draining": _mark(stores, "draining").exists(),
         },
@@ -81,6 +84,7 @@ def listing(stores: Stores) -> list[Node]:
             url=str(info.get("url", "")),
             seen=float(info.get("seen", 0.0)),
             draining=bool(info.get("draining")),
+            tus_url=str(info.get("tus_url", "")),
         )
         for name, info in sorted(stores.state.nodes().items())
     ]
@@ -89,6 +93,15 @@ def listing(stores: Stores) -> list[Node]:
 def is_gone(stores: Stores, node: Node, now: float) -> bool:
     limit = max(GONE_AFTER_ROUNDS * stores.config.janitor_interval, GONE_AFTER_SECONDS)
     return node.age(now) > limit
+
+
+def holding_tus(stores: Stores, tag: str) -> Node | None:
+    """The live node whose tus uploads carry ``tag`` (None: gone, drained or unknown)."""
+    now = time.time()
+    for node in listing(stores):
+        if tus.node_tag(node.id) == tag and node.tus_url and not is_gone(stores, node, now):
+            return node
+    return None
 
 
 def unfinished(stores: Stores, *, limit: int = 100_000) -> list[str]:

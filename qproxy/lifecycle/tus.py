@@ -11,7 +11,6 @@ in Redis; the sweep removes expired uploads.
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -23,8 +22,6 @@ from qproxy.errors import UploadTooLarge as TooLarge
 from qproxy.lifecycle.ingest import Intake
 from qproxy.stores.local import LocalStore
 from qproxy.stores.partial import ChecksumMismatch, OffsetMismatch, Partials
-
-_NODE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 class Tus:
@@ -40,7 +37,7 @@ class Tus:
         return self.config.tus_path + upload_id
 
     def create(self, call: TusCall) -> Upload:
-        node = _NODE.sub("-", self.config.node_id)[:64] or "node"
+        node = tus.node_tag(self.config.node_id)
         upload = Upload(
             upload_id=f"{node}.{secrets.token_urlsafe(18)}",
             length=call.length,
@@ -54,6 +51,14 @@ class Tus:
     def create_final(self, call: TusCall) -> Upload:
         """Concatenation: a final upload made of complete partial ones, in order (complete
         at once; the partial ones go once it is taken)."""
+        here = tus.node_tag(self.config.node_id)
+        for part_id in call.parts:
+            if part_id.partition(".")[0] != here:
+                raise TusRefusal(
+                    400,
+                    f"the partial upload {part_id} is held by another node: the parts of one "
+                    "concatenation must all be uploaded through one node",
+                )
         parts = [self.get(part) for part in call.parts]
         for part in parts:
             if not part.is_partial or not part.complete:
@@ -61,7 +66,7 @@ class Tus:
         length = sum(part.offset for part in parts)
         if length > self.max_size:
             raise TusRefusal(413, f"the parts add up to over {self.max_size} bytes")
-        node = _NODE.sub("-", self.config.node_id)[:64] or "node"
+        node = tus.node_tag(self.config.node_id)
         upload = Upload(
             upload_id=f"{node}.{secrets.token_urlsafe(18)}",
             length=length,

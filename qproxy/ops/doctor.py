@@ -184,14 +184,19 @@ def _is_loopback_url(url: str) -> bool:
         return False
 
 
+def _other_nodes(config: Config) -> list[str]:
+    """The other registered web nodes (none when Redis cannot say)."""
+    with contextlib.suppress(QProxyError, ValueError):
+        state = StateStore(_redis(config.redis_url))
+        return sorted(n for n in state.nodes() if n != config.node_id)
+    return []
+
+
 def check_node_url(config: Config) -> Check:
     """The other nodes and the workers fetch this node's files at QPROXY_NODE_URL: it must
     be reachable, and not loopback on a cluster."""
     url = config.node_url
-    others: list[str] = []
-    with contextlib.suppress(QProxyError, ValueError):
-        state = StateStore(_redis(config.redis_url))
-        others = sorted(n for n in state.nodes() if n != config.node_id)
+    others = _other_nodes(config)
     if others and _is_loopback_url(url):
         return Check(
             "node url",
@@ -220,6 +225,44 @@ def check_node_url(config: Config) -> Check:
     return Check("node url", "ok", f"{url} reachable{peers}")
 
 
+def check_tus_url(config: Config) -> Iterator[Check]:
+    """With tus on, the other nodes send on requests for this node's uploads to its nginx
+    at QPROXY_NODE_TUS_URL: it must answer tus there, and not be loopback on a cluster."""
+    if not config.tus_path:
+        return
+    url = config.tus_url
+    others = _other_nodes(config)
+    if others and _is_loopback_url(url):
+        yield Check(
+            "tus url",
+            "fail",
+            f"QPROXY_NODE_TUS_URL is {url}, a loopback URL, but other nodes are registered "
+            f"({', '.join(others[:5])}): tus requests they get for this node's uploads "
+            "cannot reach it. Set it to where they reach this node's nginx",
+        )
+        return
+    try:
+        answer = httpx.options(url + config.tus_path, timeout=2.0)
+    except httpx.HTTPError as exc:
+        yield Check(
+            "tus url",
+            "fail",
+            f"cannot reach this node's nginx at QPROXY_NODE_TUS_URL {url}: "
+            f"{type(exc).__name__}: {exc} (set it to where other nodes reach this node's "
+            "nginx; the default is QPROXY_NODE_URL's host on port 80)",
+        )
+        return
+    if "tus-version" not in answer.headers:
+        yield Check(
+            "tus url",
+            "fail",
+            f"OPTIONS {url}{config.tus_path} answered {answer.status_code} without "
+            "Tus-Version: is it this node's nginx, with `qproxy nginx-config`'s tus location?",
+        )
+        return
+    yield Check("tus url", "ok", f"{url}{config.tus_path} answers tus")
+
+
 CHECKS: tuple[Callable[[Config], Check | Iterator[Check]], ...] = (
     check_secret,
     check_local,
@@ -228,6 +271,7 @@ CHECKS: tuple[Callable[[Config], Check | Iterator[Check]], ...] = (
     check_s3,
     check_workers,
     check_node_url,
+    check_tus_url,
     check_nginx,
 )
 

@@ -315,28 +315,69 @@ def location_app() -> str:
     )
 
 
-def location_tus(config: Config) -> str:
-    """QPROXY_TUS_PATH: resumable uploads, to the app's middleware, each PATCH streamed
-    through (the middleware fsyncs before it answers the offset)."""
+def location_tus(config: Config, token: str = "") -> str:
+    """QPROXY_TUS_PATH: resumable uploads, each request to the app of the node that holds
+    the upload (the resolver says which: an upload's id names its node), bodies streamed
+    through (that node's middleware fsyncs before it answers the offset)."""
     path = config.tus_path
     if any(c in path for c in ' "\\$;{}\r\n\x00'):
         raise ConfigError(f"QPROXY_TUS_PATH {path!r} cannot be used in nginx's config")
-    return _lines(
-        I1,
-        "# Resumable uploads (tus): every method (OPTIONS, POST, HEAD, PATCH, DELETE) to the",
-        "# app's middleware, bodies streamed, answers never cached, no gzip of tus answers.",
-    ) + _location(
-        f"^~ {path}",
-        _lines(I2, "proxy_pass http://qproxy_app;"),
-        _proxy_common(I2),
+    return (
         _lines(
-            I2,
-            "proxy_request_buffering off;",
-            "proxy_buffering off;",
-            "gzip off;",
-            "proxy_read_timeout 600s;",
-            "proxy_send_timeout 600s;",
-        ),
+            I1,
+            "# Resumable uploads (tus): every method (OPTIONS, POST, HEAD, PATCH, DELETE) to",
+            "# the middleware of the node holding the upload: this node's app, or another",
+            "# node's nginx (X-QP-Tus-Hop: it sends it on to its own app). Bodies streamed,",
+            "# answers never cached, no gzip of tus answers.",
+        )
+        + _location(
+            f"^~ {path}",
+            _lines(
+                I2,
+                "auth_request /_qp/tus-route;",
+                "auth_request_set $qp_tus_upstream $upstream_http_x_qp_tus_upstream;",
+                "auth_request_set $qp_tus_hop $upstream_http_x_qp_tus_hop;",
+                "proxy_pass http://$qp_tus_upstream$request_uri;",
+            ),
+            _proxy_common(I2),
+            _lines(
+                I2,
+                "proxy_set_header X-QP-Tus-Hop $qp_tus_hop;",
+                "proxy_request_buffering off;",
+                "proxy_buffering off;",
+                "gzip off;",
+                f"proxy_connect_timeout {PEER_CONNECT_TIMEOUT}s;",
+                "proxy_read_timeout 600s;",
+                "proxy_send_timeout 600s;",
+                "# A node that does not answer (or no routing): 503 and when to try again,",
+                "# which tus clients retry; never a 404, which would make them start over.",
+                "error_page 500 502 503 504 = @qp_tus_down;",
+            ),
+        )
+        + _location(
+            "= /_qp/tus-route",
+            _lines(I2, "internal;", "proxy_pass http://qproxy_resolver/tus-route;"),
+            _proxy_common(I2),
+            _resolver_headers(I2, token),
+            _lines(
+                I2,
+                "proxy_set_header X-Original-URI $request_uri;",
+                "proxy_set_header X-Original-Method $request_method;",
+                "proxy_set_header X-HTTP-Method-Override $http_x_http_method_override;",
+                "proxy_set_header Upload-Concat $http_upload_concat;",
+                "proxy_set_header X-QP-Tus-Hop $http_x_qp_tus_hop;",
+            ),
+        )
+        + _location(
+            "@qp_tus_down",
+            _lines(
+                I2,
+                f"add_header Retry-After {PEER_RETRY_AFTER} always;",
+                "add_header Tus-Resumable 1.0.0 always;",
+                'add_header Cache-Control "no-store" always;',
+                "return 503;",
+            ),
+        )
     )
 
 
@@ -605,7 +646,7 @@ def server_block(config: Config, options: NginxOptions) -> str:
         "\n",
     ]
     if config.tus_path:
-        out += [location_tus(config), "\n"]
+        out += [location_tus(config, token), "\n"]
     if options.offload:
         out.append(_offload(config))
     if options.mode == "x-accel":

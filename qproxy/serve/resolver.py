@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate, parsedate_to_datetime
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import anyio.to_thread
 from starlette.requests import Request
@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import decision as render
+from qproxy.core import tus
 from qproxy.core.decision import (
     FORBIDDEN,
     MAX_RANGES,
@@ -151,6 +152,7 @@ class Resolver:
         # so a public path of "/" never hides the service routes.
         self._exact: dict[str, Handler] = {
             "/auth": self._auth,
+            "/tus-route": self._tus_route,
             "/healthz": request_response(self.healthz),
             "/metrics": request_response(self.metrics),
         }
@@ -393,6 +395,40 @@ class Resolver:
         )
         signed = self._signed(decision) if decision.kind == "peer" else ""
         return render.auth_answer(decision, redirect_ttl=self.redirect_ttl, signed_query=signed)
+
+    async def _tus_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        asked = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            peer = await self.tus_peer(asked)
+        except StateUnavailable as exc:
+            # Not a 404 (the client would start again from zero): nginx answers 503.
+            log.warning("resolver: Redis unavailable (%s); tus request not routed", exc)
+            await _send(send, 503, [(b"content-length", b"0")], b"")
+            return
+        headers: render.RawHeaders = [(b"content-length", b"0"), (b"cache-control", b"no-store")]
+        if peer:
+            headers += [(b"x-qp-tus-upstream", peer.encode()), (b"x-qp-tus-hop", b"1")]
+        else:
+            headers.append((b"x-qp-tus-upstream", b"qproxy_app"))
+        await _send(send, 200, headers, b"")
+
+    async def tus_peer(self, headers: Mapping[str, str]) -> str:
+        """The ``host:port`` of the node holding the tus upload nginx asks about; "" when it
+        is this node's, or no live node's (this node's app then answers 404: start again)."""
+        tus_path = self.config.tus_path
+        path = unquote(headers.get("x-original-uri", "").partition("?")[0])
+        if not tus_path or not path.startswith(tus_path) or headers.get("x-qp-tus-hop"):
+            return ""  # (a request another node sent on is this node's: never sent on again)
+        tag = tus.holder(headers.get("x-original-method", "GET"), path[len(tus_path) :], headers)
+        if tag is None or tag == tus.node_tag(self.config.node_id):
+            return ""
+        node = await anyio.to_thread.run_sync(nodes.holding_tus, self.stores, tag)
+        if node is None:
+            return ""
+        where = urlsplit(node.tus_url)
+        port = where.port or (443 if where.scheme == "https" else 80)
+        host = where.hostname or ""
+        return await self._peer_address(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
     # -- standalone (no nginx): the resolver sends the bytes itself -----------------------
 

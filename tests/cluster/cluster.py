@@ -92,6 +92,9 @@ class Cluster:
             "QPROXY_RETRY_BACKOFF_MAX": "2",
             "QPROXY_TRANSFER_RETRIES": "2",
             "QPROXY_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+            # Resumable uploads; the test app logs the key each completed one got.
+            "QPROXY_TUS_PATH": "/tus/",
+            "QP_TUS_LOG": str(self.base / "tus-completed.jsonl"),
         }
 
     def test_config(self) -> Config:
@@ -219,6 +222,8 @@ class Cluster:
             "QPROXY_NODE_ID": name,
             # By name: every host resolves it from its /etc/hosts (tests/cluster/net.py).
             "QPROXY_NODE_URL": f"http://{url_host or name}:{RESOLVER_PORT}",
+            # Where the other nodes send the tus requests of uploads this node holds.
+            "QPROXY_NODE_TUS_URL": f"http://{name}:{NGINX_PORT}",
         }
         node = Node(host, name, files, env)
         self.nodes[name] = node

@@ -7,6 +7,7 @@ Skipped, with the reason, only where namespaces cannot be made (not root).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,11 +16,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis
+from tusclient import client as tus_client
 
 from qproxy.core.record import FileRecord
 from tests.cluster.cluster import Cluster, Node, cluster
@@ -143,6 +147,14 @@ def test_doctor_catches_a_node_url_peers_cannot_reach(site: Cluster) -> None:
     # A URL nothing answers at.
     dead = doctor(QPROXY_NODE_URL="http://web1:8399")["node url"]
     assert dead["level"] == "fail" and "cannot reach" in dead["detail"], dead
+    # Where the other nodes send on tus requests for this node's uploads.
+    assert doctor()["tus url"]["level"] == "ok"
+    tus_dead = doctor(QPROXY_NODE_TUS_URL="http://web1:8399")["tus url"]
+    assert tus_dead["level"] == "fail" and "QPROXY_NODE_TUS_URL" in tus_dead["detail"]
+    tus_loop = doctor(QPROXY_NODE_TUS_URL="http://127.0.0.1:8080")["tus url"]
+    assert tus_loop["level"] == "fail" and "loopback" in tus_loop["detail"]
+    not_tus = doctor(QPROXY_NODE_TUS_URL="http://web1:8300")["tus url"]  # the resolver
+    assert not_tus["level"] == "fail" and "Tus-Version" in not_tus["detail"], not_tus
 
 
 def test_an_origin_that_does_not_answer(site: Cluster) -> None:
@@ -178,8 +190,88 @@ def test_an_origin_that_does_not_answer(site: Cluster) -> None:
     wait_for(lambda: (r := record(site, key)) is not None and r.state == "remote", timeout=90)
 
 
+V = {"Tus-Resumable": "1.0.0"}
+
+
+def tus_key(site: Cluster, upload_url: str) -> str:
+    """The key the app of the upload's node was handed when it completed."""
+    upload_id = upload_url.rstrip("/").rsplit("/", 1)[-1]
+    for line in (site.base / "tus-completed.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["upload"] == upload_id:
+            return str(entry["keys"][0])
+    raise AssertionError(f"{upload_id} never completed")
+
+
+def test_a_tus_upload_goes_on_through_any_node(site: Cluster, tmp_path: Path) -> None:
+    # tuspy starts on web1; the client's next requests reach web2 (X-Accel mode) and web3
+    # (auth_request mode), which send them on to web1, whose disk holds the partial file.
+    web1, web2, web3 = (site.nodes[n] for n in ("web1", "web2", "web3"))
+    data = os.urandom(3 * 1024 * 1024 + 99)
+    source = tmp_path / "trip.mov"
+    source.write_bytes(data)
+    chunk = 1024 * 1024
+
+    def start() -> str:
+        with open(source, "rb") as stream:
+            uploader = tus_client.TusClient(f"{web1.front}/tus/").uploader(
+                file_stream=stream, chunk_size=chunk, metadata={"filename": "trip.mov"}
+            )
+            uploader.upload_chunk()
+            return str(uploader.url)
+
+    def resume(front: str, path: str, chunks: int | None) -> int:
+        with open(source, "rb") as stream:
+            uploader = tus_client.TusClient(f"{front}/tus/").uploader(
+                file_stream=stream, url=f"{front}{path}", chunk_size=chunk
+            )
+            if chunks is None:
+                uploader.upload()
+            for _ in range(chunks or 0):
+                uploader.upload_chunk()
+            return int(uploader.offset)
+
+    path = urlsplit(site.client.run(start)).path
+    assert path.startswith("/tus/web1.")
+    assert site.client.run(resume, web2.front, path, 1) == 2 * chunk  # HEAD, PATCH via web2
+    assert site.client.run(resume, web3.front, path, None) == len(data)  # and via web3
+    key = tus_key(site, path)
+    wait_for(lambda: (r := record(site, key)) is not None and r.state == "remote")
+    now = record(site, key)
+    assert now is not None and now.node == "web1" and now.size == len(data)
+    assert now.sha256 == hashlib.sha256(data).hexdigest()
+    assert get(site, f"{web2.front}/media/{key}", follow_redirects=True).content == data
+    # Only web1 ever held its bytes.
+    for other in (web2, web3):
+        assert not list(other.files.rglob(path.rsplit("/", 1)[-1] + "*"))
+
+
+def test_a_tus_upload_whose_node_is_cut_off_waits_for_it(site: Cluster) -> None:
+    web1, web2 = site.nodes["web1"], site.nodes["web2"]
+    created = get(site, f"{web1.front}/tus/", method="POST", headers={**V, "Upload-Length": "10"})
+    assert created.status_code == 201, created.text
+    path = urlsplit(created.headers["location"]).path
+    web1.host.cut()
+    try:
+        # Not a 404 (tus clients would start again from zero): 503 and when to try again.
+        down = get(site, f"{web2.front}{path}", method="HEAD", headers=V)
+        assert down.status_code == 503, down.status_code
+        assert down.headers["retry-after"].isdigit()
+        assert down.headers["tus-resumable"] == "1.0.0"
+    finally:
+        web1.host.plug()
+    patched = get(
+        site,
+        f"{web2.front}{path}",
+        method="PATCH",
+        content=b"0123456789",
+        headers={**V, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+    )
+    assert patched.status_code == 204 and patched.headers["upload-offset"] == "10"
+
+
 def test_nodes_register_and_a_draining_node_empties_itself(site: Cluster) -> None:
-    web2 = site.nodes["web2"]
+    web1, web2 = site.nodes["web1"], site.nodes["web2"]
 
     def listed() -> dict[str, dict[str, Any]]:
         return {n["id"]: n for n in json.loads(site.qproxy(web2, "nodes", "--json").stdout)}
@@ -189,6 +281,10 @@ def test_nodes_register_and_a_draining_node_empties_itself(site: Cluster) -> Non
     assert nodes["web2"]["url"] == "http://web2:8300"
     text = site.qproxy(web2, "nodes").stdout
     assert re.search(r"^web1 +http://web1:8300 +\d+s +up$", text, re.M), text
+    # A resumable upload web2 holds, half sent.
+    created = get(site, f"{web2.front}/tus/", method="POST", headers={**V, "Upload-Length": "10"})
+    tus_path = urlsplit(created.headers["location"]).path
+    assert get(site, f"{web1.front}{tus_path}", method="HEAD", headers=V).status_code == 200
     with worker_paused(site):
         keys = [upload(site, web2, os.urandom(50_000)) for _ in range(3)]
         drain = subprocess.Popen(
@@ -222,6 +318,9 @@ def test_nodes_register_and_a_draining_node_empties_itself(site: Cluster) -> Non
     time.sleep(2.5)  # two janitor rounds: a drained node does not register again
     nodes = listed()
     assert "web2" not in nodes and "web1" in nodes
+    # Its node left: the protocol's answer to start again, from any node.
+    gone = get(site, f"{web1.front}{tus_path}", method="HEAD", headers=V)
+    assert gone.status_code == 404 and gone.headers["tus-resumable"] == "1.0.0"
     # Back in service.
     assert site.qproxy(web2, "drain", "--cancel").returncode == 0
     wait_for(lambda: "web2" in listed(), timeout=10)

@@ -99,3 +99,21 @@ def test_answers_carry_the_protocol_headers() -> None:
     created = tus.created_answer("/files/" + ID, upload, with_body=True)
     assert created.status == 201 and dict(created.headers)["Location"] == "/files/" + ID
     assert tus.patched_answer(upload).status == 204
+
+
+def test_a_request_names_the_node_holding_its_upload() -> None:
+    # What the resolver routes by: the tag before the dot of the upload's id.
+    assert tus.node_tag("web-1.example.com") == "web-1-example-com"
+    assert tus.node_tag("") == "node"
+    upload_id = "web1.AAAAAAAAAAAAAAAAAAAAAAAA"
+    assert tus.holder("PATCH", upload_id, V) == "web1"
+    assert tus.holder("HEAD", "/" + upload_id + "/", V) == "web1"
+    assert tus.holder("POST", upload_id, {"x-http-method-override": "DELETE"}) == "web1"
+    # A concatenation: where its first part is.
+    final = {"upload-concat": f"final;/files/{upload_id} /files/web2.BBBBBBBBBBBBBBBBBBBB"}
+    assert tus.holder("POST", "", final) == "web1"
+    # No upload yet, or nothing the node's own app would not refuse.
+    assert tus.holder("POST", "", V) is None
+    assert tus.holder("OPTIONS", "", {}) is None
+    assert tus.holder("POST", "", {"upload-concat": "final;"}) is None
+    assert tus.holder("HEAD", "../../etc/passwd", V) is None
