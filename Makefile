@@ -8,11 +8,13 @@ STAMP := $(VENV)/.installed-stamp
 S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 # tus-js-client (npm): a tus client nobody here wrote, under node (tests/drivers/test_tus.py)
 TUSJS := .cache/tusjs/node_modules/tus-js-client/package.json
+# playwright-core (npm) drives Debian's chromium through the demo page (tests/dev/test_demo.py)
+PLAYWRIGHT := .cache/browser/node_modules/playwright-core/package.json
 
-.PHONY: bench test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
+.PHONY: bench static test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
 
 ## system-deps: Debian's redis-server, nginx, npm (for s3rver), iproute2 (the network namespaces of
-## tests/cluster), and wrk + curl for the benchmarks
+## tests/cluster), chromium (the demo page's test), and wrk + curl for the benchmarks
 ## (installed when run as root and absent)
 system-deps:
 	@missing=""; \
@@ -21,6 +23,7 @@ system-deps:
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -71,7 +74,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) $(S3RVER) $(TUSJS)
+pytest: $(STAMP) $(S3RVER) $(TUSJS) $(PLAYWRIGHT)
 	$(BIN)/pytest
 
 $(S3RVER):
@@ -79,6 +82,16 @@ $(S3RVER):
 
 $(TUSJS):
 	npm install --prefix .cache/tusjs --no-audit --no-fund --silent tus-js-client@4.3.1
+
+$(PLAYWRIGHT):
+	npm install --prefix .cache/browser --no-audit --no-fund --silent playwright-core@1.64.1
+
+## the demo page's tus-js-client, from npm into the package's static files (with its licence);
+## tests/dev/test_demo.py checks the copy is npm's
+static: $(TUSJS)
+	cp .cache/tusjs/node_modules/tus-js-client/dist/tus.min.js qproxy/dev/static/tus.min.js
+	{ echo "tus-js-client $$(node -p 'require("./.cache/tusjs/node_modules/tus-js-client/package.json").version') (https://github.com/tus/tus-js-client), dist/tus.min.js from npm, served by the qproxy demo page."; \
+	  echo; cat .cache/tusjs/node_modules/tus-js-client/LICENSE; } > qproxy/dev/static/tus-js-client.LICENSE
 
 ## benchmarks: ratios against baselines measured in the same run (needs wrk and curl)
 bench: system-deps $(STAMP)

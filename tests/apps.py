@@ -55,6 +55,8 @@ def flask_app() -> Flask:
     @app.route("/tus/<upload_id>", methods=["PATCH", "POST"])
     def tus_complete(upload_id: str) -> tuple[str, int]:
         # The request that completes an upload: a raw-body upload, as any other.
+        if request.environ["qproxy.tus"]["metadata"].get("filename") == "ignored.bin":
+            return "", 204  # a 2xx that never looked at the upload
         uploads = request.environ.get("qproxy.uploads", [])
         keys = [u.key for u in uploads]
         if request.environ["qproxy.tus"]["metadata"].get("filename") == "refused-at-end.bin":

@@ -59,6 +59,8 @@ async def tus_create(request: Request) -> Response:
 
 async def tus_complete(request: Request) -> Response:
     # The request that completes an upload: a raw-body upload, as any other.
+    if request.scope["qproxy.tus"]["metadata"].get("filename") == "ignored.bin":
+        return Response(status_code=204)  # a 2xx that never looked at the upload
     keys = [u.key for u in request.scope.get("qproxy.uploads", [])]
     if request.scope["qproxy.tus"]["metadata"].get("filename") == "refused-at-end.bin":
         return PlainTextResponse("no thanks\n", status_code=422)

@@ -364,6 +364,16 @@ def patched_answer(upload: Upload) -> Answer:
     return answer(204, (("Upload-Offset", str(upload.offset)), *_expires(upload.expires)))
 
 
+def not_taken_answer(status: int) -> Answer:
+    """The app answered ``status`` (< 400) to the request that completed an upload without
+    reading ``qproxy.uploads`` (or the body): nothing is kept, as for any upload."""
+    return answer(
+        400,
+        body=f"the upload was not kept: the app answered {status} to the request that "
+        "completed it without reading qproxy.uploads (or the request body)\n",
+    )
+
+
 def terminated_answer() -> Answer:
     return answer(204)
 

@@ -42,9 +42,35 @@ local disk while it is local and redirects to S3 once it is remote.</p>
 <form id="f" method="post" action="/upload" enctype="multipart/form-data">
  <input type="file" name="file" multiple> <button>Upload</button> <span id="msg"></span>
 </form>
+<h2>Resumable upload (tus)</h2>
+<p>Sent in 1 MiB pieces to <code>/files/</code> with
+<a href="https://github.com/tus/tus-js-client">tus-js-client</a>
+(<a href="/static/tus-js-client.LICENSE">MIT</a>): pause it, or lose the connection, and it
+goes on from the last piece the server stored.</p>
+<p><input type="file" id="tus-file"> <button id="tus-start">Upload</button>
+ <button id="tus-pause" disabled>Pause</button> <button id="tus-resume" disabled>Resume</button></p>
+<p><progress id="tus-bar" max="100" value="0"></progress> <span id="tus-status">idle</span>
+ <span id="tus-progress"></span></p>
 <h2>Files</h2>
 <table><thead><tr><th>file</th><th>key</th><th>size</th><th>state</th></tr></thead>
 <tbody id="rows"></tbody></table>
+<script src="/static/tus.min.js"></script>
+<script>
+const $=id=>document.getElementById(id);
+let up=null;
+function tusState(text,pausable){$('tus-status').textContent=text;
+ $('tus-pause').disabled=!pausable;$('tus-resume').disabled=pausable||text==='done';}
+$('tus-start').addEventListener('click',()=>{const file=$('tus-file').files[0];if(!file)return;
+ up=new tus.Upload(file,{endpoint:'/files/',chunkSize:1048576,retryDelays:[0,1000,3000,5000],
+  metadata:{filename:file.name,filetype:file.type||'application/octet-stream'},
+  onProgress:(sent,total)=>{$('tus-bar').value=total?sent*100/total:0;},
+  onChunkComplete:(size,stored,total)=>{$('tus-progress').textContent=`${stored} of ${total} bytes stored`;},
+  onError:e=>tusState('error: '+e,false),
+  onSuccess:()=>{tusState('done',false);load();}});
+ up.start();tusState('uploading',true);});
+$('tus-pause').addEventListener('click',()=>{up.abort();tusState('paused',false);});
+$('tus-resume').addEventListener('click',()=>{up.start();tusState('uploading',true);});
+</script>
 <script>
 const f=document.getElementById('f'),msg=document.getElementById('msg');
 f.addEventListener('submit',async e=>{e.preventDefault();msg.textContent='uploading...';
@@ -56,6 +82,13 @@ async function load(){const r=await fetch('/api/files');const files=await r.json
 load();setInterval(load,1000);
 </script></body></html>
 """
+
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC = {
+    "tus.min.js": "application/javascript",
+    "tus-js-client.LICENSE": "text/plain",
+}
 
 
 class DemoApp:
@@ -79,9 +112,25 @@ class DemoApp:
                 "uploads": [u.as_dict() for u in uploads],
             }
             return Response(json.dumps(body), status=201, mimetype="application/json")
+        if request.path == "/files/" and request.method == "POST":
+            return Response("", status=201)  # a tus creation: every one is welcome here
+        if request.path.startswith("/files/"):
+            # The request that completed a tus upload: taking qproxy.uploads keeps it.
+            uploads = request.environ.get("qproxy.uploads", [])
+            return Response("", status=204 if [u.key for u in uploads] else 400)
+        if request.path.startswith("/static/") and request.method in ("GET", "HEAD"):
+            return self.static(request.path[len("/static/") :])
         if request.path == "/api/files":
             return Response(json.dumps(self.recent()), mimetype="application/json")
         return Response("not found\n", status=404)
+
+    def static(self, name: str) -> Response:
+        """The page's script (tus-js-client, from npm) and its licence."""
+        kind = STATIC.get(name)
+        if kind is None:
+            return Response("not found\n", status=404)
+        body = (STATIC_DIR / name).read_bytes()
+        return Response(body, mimetype=kind, headers={"Cache-Control": "public, max-age=3600"})
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         state = self.node.state
@@ -178,7 +227,9 @@ def run_demo(
         use_nginx = find_nginx() is not None
     # The app is imported by its own process: from the folder the demo was started in.
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-    stack = Stack(base=base, use_nginx=use_nginx, mode=mode, app=app, settings={"PYTHONPATH": path})  # type: ignore[arg-type]
+    # Resumable uploads at /files/ (the page's tus upload), unless the environment says else.
+    settings = {"PYTHONPATH": path, "QPROXY_TUS_PATH": os.environ.get("QPROXY_TUS_PATH", "/files/")}
+    stack = Stack(base=base, use_nginx=use_nginx, mode=mode, app=app, settings=settings)  # type: ignore[arg-type]
     say(
         "start",
         f"starting redis-server, moto S3, a Celery worker, the resolver, {app}"

@@ -220,7 +220,15 @@ class UploadMiddleware:
         await anyio.to_thread.run_sync(intake.settle, settle.finished())
         if settle.outcome == "commit":
             return False
-        await _send_raw(status if status >= 400 else 400, app_headers, answer, send)
+        if status < 400:
+            log.warning(
+                "tus: upload %s not kept: the app answered %d without reading qproxy.uploads",
+                upload.upload_id,
+                status,
+            )
+            await _send(tus_core.not_taken_answer(status), send)
+        else:
+            await _send_raw(status, app_headers, answer, send)
         return True
 
     def _budget(self, request: UploadRequest, received: int) -> int:

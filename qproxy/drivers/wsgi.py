@@ -227,7 +227,14 @@ class UploadMiddleware:
         intake.settle(settle.finished())
         if settle.outcome == "commit":
             return None
-        start_response(_status_line(status if status >= 400 else 400), app_headers)
+        if status < 400:
+            log.warning(
+                "tus: upload %s not kept: the app answered %d without reading qproxy.uploads",
+                upload.upload_id,
+                status,
+            )
+            return _send(tus_core.not_taken_answer(status), start_response)
+        start_response(_status_line(status), app_headers)
         return [body]
 
 

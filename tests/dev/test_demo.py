@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -11,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -79,6 +82,31 @@ def test_demo_once_without_nginx(demo_tmp: Path) -> None:
     assert processes_under(demo_tmp) == []
 
 
+REPO = Path(__file__).resolve().parents[2]
+PLAYWRIGHT = REPO / ".cache" / "browser" / "node_modules" / "playwright-core"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def browser_upload(url: str, source: Path) -> dict[str, Any]:
+    """tests/js/demo_page.js: the page's resumable upload in headless Chromium."""
+    assert PLAYWRIGHT.exists(), "playwright-core is missing: `make test` installs it (npm)"
+    assert os.access(CHROMIUM, os.X_OK), "chromium is missing: `make test` installs it (apt)"
+    done = subprocess.run(
+        ["node", str(REPO / "tests" / "js" / "demo_page.js"), url, str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PLAYWRIGHT_CORE": str(PLAYWRIGHT), "CHROMIUM": CHROMIUM},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def demo_file(url: str, filename: str) -> dict[str, Any] | None:
+    files = httpx.get(url + "/api/files").json()
+    return next((f for f in files if f["filename"] == filename), None)
+
+
 def test_demo_runs_until_ctrl_c(demo_tmp: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "qproxy", "demo"],
@@ -110,6 +138,27 @@ def test_demo_runs_until_ctrl_c(demo_tmp: Path) -> None:
         key = up.json()["keys"][0]
         files = httpx.get(url + "/api/files").json()
         assert key in [f["key"] for f in files]
+        # The page's resumable upload, in a real browser: paused with two pieces stored,
+        # resumed from there (a HEAD, then the PATCH at 2 MiB), and on to S3.
+        data = os.urandom(5 * 1024 * 1024 + 4321)
+        name = f"browser-{os.urandom(4).hex()}.bin"
+        source = demo_tmp / name
+        source.write_bytes(data)
+        seen = browser_upload(url, source)
+        mib = 1024 * 1024
+        assert seen["errors"] == [] and seen["status"] == "done", seen
+        assert seen["pausedAt"] == f"{2 * mib} of {len(data)} bytes stored", seen
+        assert seen["patches"] == [0, mib, 2 * mib, 2 * mib, 3 * mib, 4 * mib, 5 * mib], seen
+        assert seen["whilePaused"] == {"patches": 3, "heads": 0}, seen
+        assert seen["heads"] >= 1, seen  # resumed: it asked the server for the offset
+        deadline = time.monotonic() + 60
+        while (found := demo_file(url, name)) is None or found["state"] != "remote":
+            assert time.monotonic() < deadline, found
+            time.sleep(0.3)
+        assert found["size"] == len(data)
+        assert found["sha256"] == hashlib.sha256(data).hexdigest()
+        served = httpx.get(url + found["url"], follow_redirects=True)
+        assert served.content == data
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     finally:
@@ -139,3 +188,15 @@ def test_examples_run_on_the_whole_stack(demo_tmp: Path, app: str) -> None:
     assert "the app received the key" in result.stdout
     assert "sha256 matches the upload" in result.stdout
     assert processes_under(demo_tmp) == []
+
+
+def test_the_page_script_is_npm_s_tus_js_client_with_its_licence() -> None:
+    # `make static` copies it from npm (the version tests/drivers/test_tus.py runs too).
+    static = REPO / "qproxy" / "dev" / "static"
+    npm = REPO / ".cache" / "tusjs" / "node_modules" / "tus-js-client"
+    assert npm.exists(), "tus-js-client is missing: `make test` installs it (npm)"
+    assert (static / "tus.min.js").read_bytes() == (npm / "dist" / "tus.min.js").read_bytes()
+    version = json.loads((npm / "package.json").read_text())["version"]
+    licence = (static / "tus-js-client.LICENSE").read_text()
+    assert f"tus-js-client {version}" in licence
+    assert (npm / "LICENSE").read_text() in licence

@@ -178,6 +178,24 @@ def test_the_protocols_answers(tus_stack: Stack) -> None:
         upload_id = url.rsplit("/", 1)[-1]
         assert not (tus_stack.config.local_path / ".qp" / "tus" / f"{upload_id}.bin").exists()
         assert list(Stores(tus_stack.config).local.pending_files()) == []
+        # An app that answers 2xx without reading qproxy.uploads took nothing: the client
+        # is told so, and nothing is kept.
+        ignored = http.post(
+            base,
+            headers={
+                **V,
+                **OFFSET,
+                "Upload-Length": "3",
+                "Upload-Metadata": meta(filename="ignored.bin"),
+            },
+            content=b"abc",
+        )
+        assert ignored.status_code == 400, ignored.text
+        assert "not kept" in ignored.text and "qproxy.uploads" in ignored.text
+        assert ignored.headers["tus-resumable"] == "1.0.0"
+        time.sleep(0.2)
+        assert list(Stores(tus_stack.config).local.pending_files()) == []
+        assert not list((tus_stack.config.local_path / ".qp" / "tus").glob("*.bin"))
 
 
 @needs_nginx
