@@ -135,6 +135,37 @@ def asgi_qproxy() -> Any:
     )
 
 
+async def _tus_create(request: Request) -> Response:
+    return Response(status_code=201)  # QPROXY_TUS_PATH=/files/: every creation welcome
+
+
+async def _tus_complete(request: Request) -> Response:
+    stored = [u.key for u in request.scope.get("qproxy.uploads", [])]
+    return Response(status_code=204 if stored else 400)
+
+
+def asgi_qproxy_tus() -> Any:
+    """tus at /files/ (QPROXY_TUS_PATH), the ASGI middleware."""
+    return AsgiUploadMiddleware(
+        Starlette(
+            routes=[
+                Route("/files/", _tus_create, methods=["POST"]),
+                Route("/files/{upload_id}", _tus_complete, methods=["PATCH"]),
+            ]
+        )
+    )
+
+
+def asgi_tuspyserver() -> Any:
+    """The baseline: tuspyserver (PyPI), a tus server as a FastAPI router, storing on disk."""
+    from fastapi import FastAPI
+    from tuspyserver import create_tus_router
+
+    app = FastAPI()
+    app.include_router(create_tus_router(prefix="files", files_dir=os.path.join(SINK, "tus")))
+    return app
+
+
 def asgi_starlette() -> Any:
     return Starlette(routes=[Route("/upload", _starlette_parse, methods=["POST"])])
 

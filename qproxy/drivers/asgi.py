@@ -8,10 +8,11 @@ the rewritten form once the files are on disk.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -38,6 +39,7 @@ from qproxy.lifecycle.ingest import Intake, begin
 from qproxy.lifecycle.tus import Tus
 
 log = logging.getLogger("qproxy")
+T = TypeVar("T")
 
 # Body messages are gathered up to this size before one hop to the worker thread.
 FEED_SIZE = 1024 * 1024
@@ -170,7 +172,7 @@ class UploadMiddleware:
                 make = tus.create_final if call.concat == "final" else tus.create
                 upload = await anyio.to_thread.run_sync(make, call)
                 if call.body_length:
-                    upload = await anyio.to_thread.run_sync(tus.append, upload, call, body.chunks())
+                    upload = await body.write_with(functools.partial(tus.append, upload, call))
                 done = upload.complete and not upload.is_partial
                 if done and await self._tus_complete(scope, send, upload):
                     return
@@ -181,7 +183,7 @@ class UploadMiddleware:
                 await _send(created, send)
                 return
             upload = await anyio.to_thread.run_sync(tus.get, call.upload_id)
-            upload = await anyio.to_thread.run_sync(tus.append, upload, call, body.chunks())
+            upload = await body.write_with(functools.partial(tus.append, upload, call))
             done = upload.complete and not upload.is_partial
             if done and await self._tus_complete(scope, send, upload):
                 return
@@ -280,6 +282,9 @@ async def _gather(
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            if batch:  # what did arrive is the writer's (a tus PATCH keeps it)
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await sender.send(batch)
             raise ClientDisconnected
         body = message.get("body", b"")
         if body:
@@ -374,8 +379,8 @@ class _Response:
 
 
 class _TusBody:
-    """A tus request's body: chunks for a worker thread (each fetched from the event loop),
-    or thrown away before a refusal."""
+    """A tus request's body: written by a worker thread while the event loop gathers the
+    next batch of it, or thrown away before a refusal."""
 
     def __init__(self, receive: Receive, length: int | None) -> None:
         self.receive = receive
@@ -383,20 +388,44 @@ class _TusBody:
         self.received = 0
         self.ended = False
 
-    async def _next(self) -> Message:
-        return await self.receive()
+    async def write_with(self, write: Callable[[Iterator[bytes]], T]) -> T:
+        """``write(chunks)`` in a worker thread, handed FEED_SIZE batches (one in flight
+        while the loop receives the next: one hop between them a batch, not a message).
+        A client gone ends the chunks: what arrived is still written."""
+        sender, batches = anyio.create_memory_object_stream[list[bytes]](1)
+        counter = _Counter()
+        done: list[T] = []
 
-    def chunks(self) -> Iterator[bytes]:
-        while not self.ended:
-            message = anyio.from_thread.run(self._next)
-            if message["type"] == "http.disconnect":
-                self.ended = True
-                return
-            data = message.get("body", b"")
-            self.ended = not message.get("more_body", False)
-            if data:
-                self.received += len(data)
-                yield data
+        def chunks() -> Iterator[bytes]:
+            while True:
+                try:
+                    batch = anyio.from_thread.run(batches.receive)
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
+                yield from batch
+
+        async def run() -> None:
+            async with batches:  # closed when the writer stops: the gathering stops too
+                done.append(await anyio.to_thread.run_sync(write, chunks()))
+
+        cause: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                async with sender:
+                    with contextlib.suppress(
+                        ClientDisconnected, anyio.BrokenResourceError, anyio.ClosedResourceError
+                    ):
+                        await _gather(self.receive, sender, counter)
+        except BaseExceptionGroup as group:
+            cause = _first_cause(group)
+        finally:
+            self.received += counter.received
+            self.ended = self.ended or counter.ended
+        if cause is not None:
+            # (no traceback: it holds the tasks' frames, and their batches, in a cycle)
+            raise cause.with_traceback(None)
+        return done[0]
 
     async def drain(self, max_size: int) -> None:
         if not self.ended:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -391,3 +392,43 @@ def test_the_hash_kept_while_appending_is_the_files(tus_stack: Stack) -> None:
     assert record is not None and record.sha256 == hashlib.sha256(data).hexdigest()
     wait_state(node, key, "remote")  # the worker checks S3's checksum against it
     assert s3_bytes(tus_stack, key) == data
+
+
+@needs_nginx
+def test_a_client_gone_mid_patch_keeps_what_arrived(tus_stack: Stack) -> None:
+    # A phone losing its connection mid-PATCH: the bytes that reached the server are kept
+    # (fsynced), and HEAD says how many, so the client resumes from there.
+    created = httpx.post(
+        f"{tus_stack.front}/tus/", headers={**V, "Upload-Length": str(8 * 1024 * 1024)}
+    )
+    path = created.headers["location"]
+    data = os.urandom(3 * 1024 * 1024)
+    port = int(tus_stack.front.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(
+            (
+                f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                "Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                f"Content-Length: {8 * 1024 * 1024}\r\n\r\n"
+            ).encode()
+            + data
+        )
+        time.sleep(0.5)  # (the bytes reach the app before the connection goes)
+    url = tus_stack.front + path
+    deadline = time.monotonic() + 10
+    while True:  # the server notices the client is gone, then answers HEAD
+        head = httpx.head(url, headers=V)
+        offset = int(head.headers.get("upload-offset", "0"))
+        if (head.status_code == 200 and offset == len(data)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert head.status_code == 200 and offset == len(data), (head.status_code, offset)
+    # And it goes on from there.
+    rest = os.urandom(8 * 1024 * 1024 - len(data))
+    done = httpx.patch(
+        url, headers={**V, **OFFSET, "Upload-Offset": str(offset)}, content=rest, timeout=30
+    )
+    assert done.status_code == 204, done.text
+    key = completed(tus_stack, url)
+    wait_state(Stores(tus_stack.config), key, "remote")
+    assert s3_bytes(tus_stack, key) == data + rest
