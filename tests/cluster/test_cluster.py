@@ -244,6 +244,26 @@ def test_a_tus_upload_goes_on_through_any_node(site: Cluster, tmp_path: Path) ->
     # Only web1 ever held its bytes.
     for other in (web2, web3):
         assert not list(other.files.rglob(path.rsplit("/", 1)[-1] + "*"))
+    # A concatenation goes to its first part's node, which must hold every part.
+    parts = []
+    for node in (web1, web2):
+        made = get(
+            site,
+            f"{node.front}/tus/",
+            method="POST",
+            content=b"part",
+            headers={**V, "Upload-Length": "4", "Upload-Concat": "partial",
+                     "Content-Type": "application/offset+octet-stream"},
+        )  # fmt: skip
+        assert made.status_code == 201, made.text
+        parts.append(urlsplit(made.headers["location"]).path)
+    final = get(
+        site,
+        f"{web3.front}/tus/",
+        method="POST",
+        headers={**V, "Upload-Concat": "final;" + " ".join(parts)},
+    )
+    assert final.status_code == 400 and "another node" in final.text, final.text
 
 
 def test_a_tus_upload_whose_node_is_cut_off_waits_for_it(site: Cluster) -> None:
