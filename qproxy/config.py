@@ -103,6 +103,7 @@ class Config:
     on_failed: str = ""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         if self.tus_path and (
             not self.tus_path.startswith("/")
             or not self.tus_path.endswith("/")
@@ -122,10 +123,6 @@ class Config:
             )
         if self.redirect == "public" and not self.remote_base_url:
             raise ConfigError("QPROXY_REDIRECT=public needs QPROXY_REMOTE_BASE_URL")
-        if self.max_upload_bytes <= 0:
-            raise ConfigError("QPROXY_MAX_UPLOAD_BYTES must be positive")
-        if self.keep_local_seconds < 0:
-            raise ConfigError("QPROXY_KEEP_LOCAL_SECONDS must be 0 or more")
         if self.s3_prefix and (self.s3_prefix.startswith("/") or ".." in self.s3_prefix):
             raise ConfigError("QPROXY_S3_PREFIX must be relative and must not contain '..'")
         # Backoff is capped below the broker's visibility timeout: a Celery countdown longer
@@ -230,6 +227,118 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# -- checks: each bad value is one line naming the variable, what is wrong, an example -----
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+# Celery's brokers that qproxy is run with (kombu knows more; these are the ones checked).
+_BROKER_SCHEMES = (*_REDIS_SCHEMES, "amqp", "amqps", "pyamqp", "sqs", "sentinel")
+_HTTP = ("http", "https")
+# (setting, smallest value, whether the smallest is allowed, example)
+_NUMBERS: tuple[tuple[str, float, bool, str], ...] = (
+    ("max_upload_bytes", 0, False, "10737418240"),
+    ("max_parts", 1, True, "100"),
+    ("max_form_memory", 0, True, "1048576"),
+    ("presign_expires", 1, True, "3600"),
+    ("multipart_threshold", 5 * MiB, True, str(16 * MiB)),
+    ("multipart_chunk", 5 * MiB, True, str(8 * MiB)),  # S3's smallest part
+    ("transfer_concurrency", 1, True, "4"),
+    ("transfer_retries", 0, True, "8"),
+    ("retry_backoff", 0, True, "2"),
+    ("retry_backoff_max", 0, True, "600"),
+    ("lease_seconds", 0, False, "900"),
+    ("visibility_timeout", 0, False, "3600"),
+    ("janitor_interval", 0, False, "10"),
+    ("sweep_interval", 0, False, "60"),
+    ("stuck_seconds", 0, False, "600"),
+    ("failed_retry_seconds", 0, False, "3600"),
+    ("pending_max_age", 0, False, "3600"),
+    ("multipart_max_age", 0, False, "86400"),
+    ("drop_grace_seconds", 0, True, "5"),
+    ("keep_local_seconds", 0, True, "3600"),
+    ("tus_expire_seconds", 0, False, "86400"),
+)
+
+
+def _var(name: str) -> str:
+    return "QPROXY_" + name.upper()
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password masked (for messages and logs)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    credentials, at, hosts = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{hosts}"
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...], example: str) -> None:
+    var, shown = _var(name), shown_url(url)
+    wanted = " or ".join(f"{s}://" for s in schemes)
+    if "://" not in url:
+        raise ConfigError(f"{var}={shown}: no scheme; write {wanted}... (e.g. {example})")
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"{var}={shown}: unknown scheme {parts.scheme!r}; use {wanted} (e.g. {example})"
+        )
+    if parts.scheme in ("unix", "redis+sentinel", "sentinel", "sqs"):
+        if parts.scheme == "redis+sentinel":
+            from qproxy.redis_url import parse_sentinel
+
+            parse_sentinel(url, variable=var)
+        elif parts.scheme == "unix" and not parts.path:
+            raise ConfigError(f"{var}={shown}: no socket path (e.g. unix:///run/redis.sock)")
+        return
+    if not parts.hostname:
+        raise ConfigError(f"{var}={shown}: no host (e.g. {example})")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(
+            f"{var}={shown}: the port is not a number from 1 to 65535 (e.g. {example})"
+        )
+    if parts.scheme in ("redis", "rediss"):
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(
+                f"{var}={shown}: the database {db!r} is not a number (e.g. {example})"
+            )
+
+
+def _check_values(config: Config) -> None:
+    _check_url("redis_url", config.redis_url, _REDIS_SCHEMES, "redis://127.0.0.1:6379/0")
+    if config.broker_url:
+        _check_url("broker_url", config.broker_url, _BROKER_SCHEMES, "redis://127.0.0.1:6379/1")
+    _check_url("node_url", config.node_url, _HTTP, "http://10.0.0.21:8300")
+    for name in ("s3_endpoint_url", "remote_base_url", "node_tus_url"):
+        value = getattr(config, name)
+        if value:
+            _check_url(name, value, _HTTP, "https://s3.example.com")
+    for name, least, inclusive, example in _NUMBERS:
+        value = getattr(config, name)
+        if value < least or (value == least and not inclusive):
+            shown = int(least) if float(least).is_integer() else least
+            bound = f"at least {shown}" if inclusive else f"more than {shown}"
+            what = "positive" if (least, inclusive) == (0, False) else bound
+            raise ConfigError(f"{_var(name)}={value}: must be {what} (e.g. {_var(name)}={example})")
+    if not config.local_root or not os.path.isabs(config.local_root):
+        raise ConfigError(
+            f"QPROXY_LOCAL_ROOT={config.local_root!r}: must be an absolute path "
+            "(e.g. /var/lib/qproxy/files)"
+        )
+    if not config.node_id or any(c.isspace() or not c.isprintable() for c in config.node_id):
+        raise ConfigError(
+            f"QPROXY_NODE_ID={config.node_id!r}: must be a name without spaces (e.g. web-1)"
+        )
+    if not config.s3_region:
+        raise ConfigError("QPROXY_S3_REGION is empty (e.g. QPROXY_S3_REGION=eu-west-1)")
+
 
 def _django_settings() -> Mapping[str, Any]:
     try:
@@ -247,9 +356,17 @@ def _convert(name: str, value: Any) -> Any:
     kind = _FIELDS[name].type
     try:
         if kind == "int":
-            return int(value)
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a whole number (e.g. {_example(name)})"
+                ) from None
         if kind == "float":
-            return float(value)
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number (e.g. {_example(name)})") from None
         if kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -262,3 +379,8 @@ def _convert(name: str, value: Any) -> Any:
     except ValueError as exc:
         raise ConfigError(f"QPROXY_{name.upper()}: {exc}") from exc
     return str(value)
+
+
+def _example(name: str) -> str:
+    default = _FIELDS[name].default
+    return f"{_var(name)}={default}"

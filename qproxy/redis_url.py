@@ -36,7 +36,7 @@ def is_sentinel(url: str) -> bool:
     return url.startswith(SCHEME + "://")
 
 
-def parse_sentinel(url: str) -> SentinelURL:
+def parse_sentinel(url: str, *, variable: str = "QPROXY_REDIS_URL") -> SentinelURL:
     parts = urlsplit(url)
     if parts.scheme != SCHEME:
         raise ConfigError(f"not a {SCHEME}:// URL: {url!r}")
@@ -47,14 +47,14 @@ def parse_sentinel(url: str) -> SentinelURL:
         host, _, port = item.strip().rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(
-                f"QPROXY_REDIS_URL: sentinel address {item!r} must be HOST:PORT "
+                f"{variable}: sentinel address {item!r} must be HOST:PORT "
                 f"(e.g. {SCHEME}://10.0.0.10:26379,10.0.0.11:26379/mymaster/0)"
             )
         sentinels.append((host.strip("[]"), int(port)))
     path = [p for p in parts.path.split("/") if p]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ConfigError(
-            f"QPROXY_REDIS_URL: {url!r} must end in /MASTER_NAME or /MASTER_NAME/DB "
+            f"{variable}: the URL must end in /MASTER_NAME or /MASTER_NAME/DB "
             f"(e.g. {SCHEME}://10.0.0.10:26379/mymaster/0)"
         )
     query = parse_qs(parts.query)

@@ -331,6 +331,8 @@ def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         for check in checks:
             print(f"{check.level.upper():5} {check.name:18} {check.detail}")
+    if checks[0].level == "fail":
+        return 2  # the settings themselves: as every other command says them
     return 1 if any(c.level == "fail" for c in checks) else 0
 
 

@@ -87,6 +87,36 @@ def test_bad_configuration_is_one_clear_line() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "url", ["localhost:6379", "redis://127.0.0.1:notaport/0"], ids=["no-scheme", "bad-port"]
+)
+def test_a_bad_redis_url_stops_every_command_with_one_line(url: str, tmp_path: Path) -> None:
+    # Each said a traceback, tried RabbitMQ, or exited 0 (put) before.
+    source = tmp_path / "a.txt"
+    source.write_text("a")
+    env = {"QPROXY_REDIS_URL": url, "QPROXY_S3_BUCKET": "b"}
+    for args in (
+        ["doctor"], ["ls"], ["status", "k"], ["sweep"], ["worker"], ["put", str(source)],
+        ["resolver"], ["reconcile"], ["retry", "k"], ["delete", "k"], ["nodes"],
+    ):  # fmt: skip
+        result = qproxy(*args, env=env)
+        said = result.stderr if args != ["doctor"] else result.stdout
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "QPROXY_REDIS_URL=" in said and "e.g. redis://" in said, (args, said)
+        assert "Traceback" not in result.stderr + result.stdout, args
+
+
+def test_the_middlewares_refuse_bad_settings_when_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qproxy.asgi import UploadMiddleware as AsgiMiddleware
+    from qproxy.errors import ConfigError
+    from qproxy.wsgi import UploadMiddleware as WsgiMiddleware
+
+    monkeypatch.setenv("QPROXY_REDIS_URL", "localhost:6379")
+    for middleware in (WsgiMiddleware, AsgiMiddleware):
+        with pytest.raises(ConfigError, match="QPROXY_REDIS_URL=localhost:6379: no scheme"):
+            middleware(lambda *a: None)  # type: ignore[arg-type]
+
+
 def test_worker_passes_arguments_to_celery() -> None:
     result = qproxy("worker", "--no-such-celery-option")
     assert result.returncode == 2
