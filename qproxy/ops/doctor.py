@@ -7,23 +7,25 @@ except a probe object written to S3 and a probe file in the local root (both rem
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import ipaddress
 import os
 import shutil
+import socket
+import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
 import redis
 
-from qproxy.config import Config
+from qproxy.config import Config, shown_url
 from qproxy.errors import QProxyError
-from qproxy.stores.local import LocalStore
 from qproxy.stores.state import StateStore, redis_client
 
 Level = Literal["ok", "warn", "fail"]
@@ -53,24 +55,41 @@ def check_secret(config: Config) -> Check:
 
 
 def check_local(config: Config) -> Check:
-    store = LocalStore(config.local_path, node_id=config.node_id)
+    """The local root: writable, reachable by nginx, room for an upload. Changes nothing (a
+    probe file is written and removed; a root that does not exist is not made)."""
+    root = config.local_path
+    if not root.exists():
+        parent = next(p for p in root.parents if p.exists())
+        if os.access(parent, os.W_OK | os.X_OK):
+            return Check(
+                "local root",
+                "warn",
+                f"{root} does not exist yet: qproxy makes it on first start (in {parent}, "
+                "which it can write)",
+            )
+        return Check(
+            "local root",
+            "fail",
+            f"{root} does not exist and {parent} is not writable by this user: create it "
+            f"(e.g. install -d -o qproxy -m 0755 {root})",
+        )
+    if not root.is_dir():
+        return Check("local root", "fail", f"{root} is not a folder")
     try:
-        store.ensure()
-        probe = store.create_temp()
-        probe.write(b"qproxy doctor")
-        probe.close()
-        probe.discard()
-    except (OSError, QProxyError) as exc:
-        return Check("local root", "fail", f"{config.local_path}: cannot write: {exc}")
-    free = shutil.disk_usage(config.local_path).free
-    detail = f"{config.local_path} writable, {free / 2**30:.1f} GiB free"
+        fd, probe = tempfile.mkstemp(prefix=".qproxy-doctor-", dir=root)
+        try:
+            os.write(fd, b"qproxy doctor")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        return Check("local root", "fail", f"{root}: cannot write: {exc.strerror or exc}")
+    free = shutil.disk_usage(root).free
+    detail = f"{root} writable, {free / 2**30:.1f} GiB free"
     # nginx's workers (often `nobody`) must reach every file: each folder on the way needs
     # the execute bit for others.
-    closed = [
-        str(p)
-        for p in [config.local_path, *config.local_path.parents]
-        if not os.stat(p).st_mode & 1
-    ]
+    closed = [str(p) for p in [root, *root.parents] if not os.stat(p).st_mode & 1]
     if closed:
         return Check("local root", "warn", f"{detail}; not traversable by nginx: {closed[0]}")
     if free < config.max_upload_bytes:
@@ -91,11 +110,12 @@ def check_redis(config: Config) -> Iterator[Check]:
     except redis.ResponseError:  # CONFIG disabled (managed Redis): report what INFO says
         policy, aof = "", ""
     except redis.RedisError as exc:
-        yield Check("redis", "fail", f"{config.redis_url}: {exc}")
+        yield Check("redis", "fail", f"{shown_url(config.redis_url)}: {exc}")
         return
     finally:
         client.close()
-    yield Check("redis", "ok", f"{config.redis_url}: Redis {info.get('redis_version', '?')}")
+    version = info.get("redis_version", "?")
+    yield Check("redis", "ok", f"{shown_url(config.redis_url)}: Redis {version}")
     if aof and aof != "yes":
         yield Check(
             "redis durability",
@@ -112,38 +132,105 @@ def check_redis(config: Config) -> Iterator[Check]:
 
 
 def check_broker(config: Config) -> Check:
-    if config.broker == config.redis_url:
-        return Check("broker", "ok", "same Redis as the state")
-    client = _redis(config.broker)
+    """The Celery broker answers (asked even when it is the state's Redis)."""
+    url = config.broker
+    same = " (the same Redis as the state)" if url == config.redis_url else ""
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+        parts = urlsplit(url)
+        try:
+            socket.create_connection((parts.hostname or "", parts.port or 5672), 3).close()
+        except OSError as exc:
+            return Check("broker", "fail", f"{shown_url(url)}: cannot connect: {exc}")
+        return Check("broker", "ok", f"{shown_url(url)} accepts connections")
+    client = _redis(url)
     try:
         client.ping()
     except redis.RedisError as exc:
-        return Check("broker", "fail", f"{config.broker}: {exc}")
+        return Check("broker", "fail", f"{shown_url(url)}{same}: {exc}")
     finally:
         client.close()
-    return Check("broker", "ok", config.broker)
+    return Check("broker", "ok", f"{shown_url(url)}{same} answers")
+
+
+def _s3_problem(exc: BaseException, where: str, endpoint: str, doing: str) -> str:
+    """What an S3 error means, for the operator: endpoint, DNS, credentials, bucket or
+    permission."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return (
+            f"no AWS credentials found ({exc}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the host an IAM role"
+        )
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+        return f"the endpoint {endpoint} did not answer in time ({doing})"
+    if isinstance(exc, EndpointConnectionError):
+        return f"cannot connect to the endpoint {endpoint}: {exc.kwargs.get('error', exc)}"
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchBucket"):
+            return f"{where}: the bucket does not exist at {endpoint} (create it, or fix QPROXY_S3_BUCKET)"
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            return f"the credentials are refused ({code}): check AWS_ACCESS_KEY_ID and its secret"
+        if code in ("403", "AccessDenied", "AllAccessDisabled") or status == 403:
+            return (
+                f"{where}: access denied while {doing} ({code}): the credentials need "
+                "s3:ListBucket, s3:PutObject, s3:GetObject and s3:DeleteObject on the bucket"
+            )
+        if code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
+            return f"{where}: the bucket is in another region than QPROXY_S3_REGION ({code})"
+        return f"{where}: S3 answered {status} {code} while {doing}"
+    return f"{where}: {type(exc).__name__}: {exc} ({doing})"
 
 
 def check_s3(config: Config) -> Check:
-    from qproxy.stores.s3 import RemoteStore
+    """A probe object written and deleted; each kind of failure named for what it is."""
+    if not config.s3_bucket:
+        return Check("s3", "fail", "QPROXY_S3_BUCKET is not set: files cannot leave this node")
+    from qproxy.stores.s3 import make_client
 
-    remote = RemoteStore(config)
     where = f"s3://{config.s3_bucket}/{config.s3_prefix}"
-    data = b"qproxy doctor probe\n"
-    name = f".qproxy-doctor/{config.node_id}-{os.urandom(4).hex()}"
     try:
-        if not remote.ping():
-            return Check("s3", "fail", f"{where}: bucket not found or not allowed")
-        started = time.monotonic()
-        sha = hashlib.sha256(data).hexdigest()
-        remote.store(name, io.BytesIO(data), size=len(data), sha256=sha, content_type="text/plain")
-        remote.delete(name)
-        ms = (time.monotonic() - started) * 1000
-    except QProxyError as exc:
-        return Check("s3", "fail", f"{where}: {exc}")
-    except Exception as exc:  # botocore's own (credentials, endpoint) errors
+        client = make_client(config, timeout=5)
+    except Exception as exc:  # botocore's own (a bad region name)
         return Check("s3", "fail", f"{where}: {type(exc).__name__}: {exc}")
-    return Check("s3", "ok", f"{where}: verified put and delete in {ms:.0f} ms")
+    endpoint = client.meta.endpoint_url
+    import boto3
+
+    if boto3.Session(region_name=config.s3_region).get_credentials() is None:
+        return Check(
+            "s3",
+            "fail",
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or give the host an IAM role",
+        )
+    host = urlsplit(endpoint).hostname or ""
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as exc:
+        return Check("s3", "fail", f"cannot resolve the endpoint's host {host!r} (DNS): {exc}")
+    name = f"{config.s3_prefix}.qproxy-doctor/{config.node_id}-{os.urandom(4).hex()}"
+    doing = "looking up the bucket"
+    try:
+        started = time.monotonic()
+        client.head_bucket(Bucket=config.s3_bucket)
+        doing = "writing a probe object"
+        client.put_object(Bucket=config.s3_bucket, Key=name, Body=b"qproxy doctor probe\n")
+        doing = "deleting the probe object"
+        client.delete_object(Bucket=config.s3_bucket, Key=name)
+        ms = (time.monotonic() - started) * 1000
+    except Exception as exc:
+        return Check("s3", "fail", _s3_problem(exc, where, endpoint, doing))
+    return Check("s3", "ok", f"{where} at {endpoint}: verified put and delete in {ms:.0f} ms")
 
 
 def check_workers(config: Config) -> Check:
@@ -164,14 +251,33 @@ def check_workers(config: Config) -> Check:
 
 
 def check_nginx(config: Config) -> Check:
-    from qproxy.ops.nginx import find_nginx
+    """``nginx -t`` on the config ``qproxy nginx-config`` prints (in a scratch folder)."""
+    from qproxy.ops.nginx import NginxOptions, find_nginx, full_config
 
     path = find_nginx()
     if path is None:
         return Check(
             "nginx", "warn", "not installed here (serve with `qproxy resolver --standalone`)"
         )
-    return Check("nginx", "ok", f"{path} (print a config with `qproxy nginx-config`)")
+    with tempfile.TemporaryDirectory(prefix="qproxy-doctor-nginx-") as scratch:
+        conf = Path(scratch) / "nginx.conf"
+        try:
+            conf.write_text(full_config(config, NginxOptions()))
+        except QProxyError as exc:
+            return Check("nginx", "fail", f"cannot make a config: {exc}")
+        done = subprocess.run(
+            [path, "-t", "-q", "-p", scratch, "-c", str(conf), "-e", "stderr"],
+            capture_output=True,
+            text=True,
+            timeout=CHECK_SECONDS,
+        )
+    if done.returncode != 0:
+        said = next(
+            (line for line in done.stderr.splitlines() if "[emerg]" in line),
+            done.stderr.strip()[-300:],
+        )
+        return Check("nginx", "fail", f"nginx -t refuses `qproxy nginx-config`'s config: {said}")
+    return Check("nginx", "ok", f"{path}: nginx -t accepts `qproxy nginx-config`'s config")
 
 
 def _is_loopback_url(url: str) -> bool:
@@ -263,22 +369,50 @@ def check_tus_url(config: Config) -> Iterator[Check]:
     yield Check("tus url", "ok", f"{url}{config.tus_path} answers tus")
 
 
-CHECKS: tuple[Callable[[Config], Check | Iterator[Check]], ...] = (
-    check_secret,
-    check_local,
-    check_redis,
-    check_broker,
-    check_s3,
-    check_workers,
-    check_node_url,
-    check_tus_url,
-    check_nginx,
+CHECKS: tuple[tuple[str, Callable[[Config], Check | Iterator[Check]]], ...] = (
+    ("secret", check_secret),
+    ("local root", check_local),
+    ("redis", check_redis),
+    ("broker", check_broker),
+    ("s3", check_s3),
+    ("workers", check_workers),
+    ("node url", check_node_url),
+    ("tus url", check_tus_url),
+    ("nginx", check_nginx),
 )
+# No check takes longer than this: a host that does not answer is a failed check.
+CHECK_SECONDS = 15.0
+
+
+def _timed(
+    name: str, check: Callable[[Config], Check | Iterator[Check]], config: Config
+) -> list[Check]:
+    found: list[Check] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result = check(config)
+            found.extend([result] if isinstance(result, Check) else list(result))
+        except BaseException as exc:
+            failed.append(exc)
+
+    # A daemon thread: one that hangs past the limit does not keep the command alive.
+    thread = threading.Thread(target=run, name=f"doctor-{name}", daemon=True)
+    thread.start()
+    thread.join(CHECK_SECONDS)
+    if thread.is_alive():
+        return [Check(name, "fail", f"no answer within {CHECK_SECONDS:.0f} s")]
+    if failed:
+        exc = failed[0]
+        reason = exc.reason if isinstance(exc, QProxyError) else f"{type(exc).__name__}: {exc}"
+        return [Check(name, "fail", reason)]
+    return found
 
 
 def run_checks(config: Config) -> list[Check]:
+    """Every check, each within CHECK_SECONDS, one's failure stopping none of the others."""
     out: list[Check] = []
-    for check in CHECKS:
-        result = check(config)
-        out.extend([result] if isinstance(result, Check) else result)
+    for name, check in CHECKS:
+        out.extend(_timed(name, check, config))
     return out

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,9 @@ def test_doctor_on_a_healthy_stack_and_a_broken_one(stack: Stack) -> None:
     levels = {c["name"]: c["level"] for c in json.loads(good.stdout)}
     for name in ("config", "secret", "local root", "redis", "s3", "workers"):
         assert levels[name] == "ok", (name, good.stdout)
+    # nginx -t, on the config `qproxy nginx-config` prints.
+    nginx = {c["name"]: c for c in json.loads(good.stdout)}["nginx"]
+    assert nginx["level"] == "ok" and "nginx -t accepts" in nginx["detail"], nginx
 
     broken = qproxy(
         "doctor", env={**env, "QPROXY_S3_BUCKET": "no-such-bucket", "QPROXY_SECRET": ""}
@@ -155,7 +160,91 @@ def test_doctor_on_a_healthy_stack_and_a_broken_one(stack: Stack) -> None:
     down = qproxy("doctor", env={**env, "QPROXY_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert down.returncode == 1 and "FAIL  redis" in down.stdout
     bad = qproxy("doctor", env={**env, "QPROXY_PUBLIC_PATH": "media"})
-    assert bad.returncode == 1 and "FAIL  config" in bad.stdout
+    assert bad.returncode == 2 and "FAIL  config" in bad.stdout
+
+
+def doctor_says(env: dict[str, str]) -> dict[str, dict[str, str]]:
+    done = qproxy("doctor", "--json", env=env)
+    assert "Traceback" not in done.stderr, done.stderr
+    return {c["name"]: c for c in json.loads(done.stdout)}
+
+
+def test_doctor_names_each_s3_problem_for_what_it_is(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qproxy.config import Config
+    from qproxy.ops.doctor import check_s3
+
+    env = stack.env
+    assert check_s3(Config.from_env(env)).level == "ok"
+    cases = {
+        "endpoint": ({"QPROXY_S3_ENDPOINT_URL": "http://127.0.0.1:1"}, "cannot connect to the endpoint http://127.0.0.1:1"),
+        "dns": ({"QPROXY_S3_ENDPOINT_URL": "http://no-such-host.invalid:9000"}, "cannot resolve the endpoint's host 'no-such-host.invalid' (DNS)"),
+        "bucket": ({"QPROXY_S3_BUCKET": "no-such-bucket"}, "s3://no-such-bucket/: the bucket does not exist"),
+        "no bucket": ({"QPROXY_S3_BUCKET": ""}, "QPROXY_S3_BUCKET is not set"),
+        "credentials": (
+            {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "",
+             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+             "AWS_EC2_METADATA_DISABLED": "true"},
+            "no AWS credentials found",
+        ),
+    }  # fmt: skip
+    for case, (changes, expected) in cases.items():
+        with monkeypatch.context() as patched:
+            for name, value in changes.items():
+                if value:
+                    patched.setenv(name, value)
+                else:
+                    patched.delenv(name, raising=False)
+            found = check_s3(Config.from_env({**env, **changes}))
+        assert found.level == "fail" and expected in found.detail, (case, found)
+    # A missing bucket no longer stops the doctor: every other check runs.
+    checks = doctor_says({**env, "QPROXY_S3_BUCKET": ""})
+    assert checks["s3"]["level"] == "fail"
+    assert {"secret", "redis", "broker", "workers", "node url", "nginx"} <= set(checks)
+
+
+def test_doctor_says_redis_down_for_the_broker_too_and_hides_the_password(
+    stack: Stack, tmp_path: Path
+) -> None:
+    root = tmp_path / "not-yet"
+    env = {**stack.env, "QPROXY_REDIS_URL": "redis://:hunter2@127.0.0.1:1/0",
+           "QPROXY_LOCAL_ROOT": str(root)}  # fmt: skip
+    done = qproxy("doctor", "--json", env=env)
+    assert done.returncode == 1
+    assert "hunter2" not in done.stdout + done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)}
+    assert (
+        checks["redis"]["level"] == "fail"
+        and "redis://:***@127.0.0.1:1/0" in checks["redis"]["detail"]
+    )
+    assert (
+        checks["broker"]["level"] == "fail" and "Connection refused" in checks["broker"]["detail"]
+    )
+    # A check changes nothing: the local root it was asked about is not made.
+    assert (
+        checks["local root"]["level"] == "warn"
+        and "does not exist yet" in checks["local root"]["detail"]
+    )
+    assert not root.exists()
+
+
+def test_a_check_that_hangs_fails_after_its_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qproxy.config import Config
+    from qproxy.ops import doctor
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts, never answers: a hung Redis
+    port = listener.getsockname()[1]
+    monkeypatch.setattr(doctor, "CHECK_SECONDS", 1.0)
+    monkeypatch.setattr(doctor, "_redis", lambda url: doctor.redis_client(url, socket_timeout=30))
+    config = Config(redis_url=f"redis://127.0.0.1:{port}/0", local_root="/tmp/x", s3_bucket="b")
+    started = time.monotonic()
+    (found,) = doctor._timed("redis", doctor.check_redis, config)
+    assert time.monotonic() - started < 20  # (the hung Redis would hold it 30 s)
+    assert found.level == "fail" and found.detail == "no answer within 1 s"
+    listener.close()
 
 
 def test_resolver_refuses_to_start_without_a_bucket() -> None:
