@@ -164,7 +164,18 @@ def test_status_endpoint_and_cli(stack: Stack) -> None:
 def test_healthz_and_metrics(stack: Stack) -> None:
     health = httpx.get(stack.url("resolver") + "/healthz")
     assert health.status_code == 200
-    assert health.json() == {"redis": True, "s3": True, "node": "node-1"}
+    assert health.json() == {"status": "ok", "node": "node-1"}
+    ready = httpx.get(stack.url("resolver") + "/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "ready": True,
+        "degraded": [],
+        "local": True,
+        "redis": True,
+        "s3": True,
+        "draining": False,
+        "node": "node-1",
+    }
     metrics = httpx.get(stack.url("resolver") + "/metrics").text
     assert 'qproxy_resolve_total{decision="local"}' in metrics
 

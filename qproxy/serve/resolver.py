@@ -154,6 +154,7 @@ class Resolver:
             "/auth": self._auth,
             "/tus-route": self._tus_route,
             "/healthz": request_response(self.healthz),
+            "/readyz": request_response(self.readyz),
             "/metrics": request_response(self.metrics),
         }
         public = self._standalone_file if self.standalone else self._public
@@ -165,6 +166,8 @@ class Resolver:
         ]
         # Served to any host: signed blobs, and in standalone mode the files themselves.
         self._open_handlers: set[Handler] = {self._prefixes[2][1]}
+        # And the health checks, for load balancers on other hosts.
+        self._open_handlers |= {self._exact["/healthz"], self._exact["/readyz"]}
         if self.standalone:
             self._open_handlers.add(public)
         self._janitor_task: asyncio.Task[None] | None = None
@@ -535,10 +538,34 @@ class Resolver:
         )
 
     async def healthz(self, request: Request) -> Response:
+        """Liveness: this process answers (asks nothing else: a load balancer or systemd
+        restarting it over S3 being down would make things worse)."""
+        return JSONResponse({"status": "ok", "node": self.config.node_id})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness: can this node serve files? 503 only when it cannot (its local root
+        unreadable) or should not (draining); Redis or S3 down is reported as degraded, not
+        as unready: files are still served (from disk, then S3, without Redis; local and
+        peer files without S3)."""
+        local_ok = await anyio.to_thread.run_sync(self._local_readable)
         redis_ok = await anyio.to_thread.run_sync(self.stores.state.ping)
         s3_ok = await anyio.to_thread.run_sync(self.remote.ping)
-        body = {"redis": redis_ok, "s3": s3_ok, "node": self.config.node_id}
-        return JSONResponse(body, status_code=200 if redis_ok and s3_ok else 503)
+        draining = await anyio.to_thread.run_sync(nodes.is_draining, self.stores)
+        degraded = [name for name, ok in (("redis", redis_ok), ("s3", s3_ok)) if not ok]
+        ready = local_ok and not draining
+        body = {
+            "ready": ready,
+            "degraded": degraded,
+            "local": local_ok,
+            "redis": redis_ok,
+            "s3": s3_ok,
+            "draining": draining,
+            "node": self.config.node_id,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    def _local_readable(self) -> bool:
+        return os.access(self.config.local_path, os.R_OK | os.X_OK)
 
     async def metrics(self, request: Request) -> Response:
         lines = ["# TYPE qproxy_resolve_total counter"]

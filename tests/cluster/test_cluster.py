@@ -329,6 +329,11 @@ def test_nodes_register_and_a_draining_node_empties_itself(site: Cluster) -> Non
 
         # New uploads are refused while it drains: 503 with Retry-After.
         wait_for(refused, timeout=30)
+        # And the load balancer is told to send it nothing more (asked from another host).
+        ready = get(site, f"http://{web2.host.address}:8300/readyz")
+        assert ready.status_code == 503 and ready.json()["draining"] is True, ready.text
+        alive = get(site, f"http://{web2.host.address}:8300/healthz")
+        assert alive.status_code == 200
     out, err = drain.communicate(timeout=120)
     assert drain.returncode == 0, err
     assert "drained" in out

@@ -46,7 +46,10 @@ def test_resolver_answers_while_s3_hangs() -> None:
                 # minutes; httpx gives up after 10 s.
                 r = httpx.get(f"{stack.files_url}/media/{name}", timeout=10)
                 assert r.status_code == 404
-            health = httpx.get(stack.url("resolver") + "/healthz", timeout=10)
-            assert health.status_code == 503 and health.json()["s3"] is False
+            # Files are still served: alive and ready, S3 reported as degraded.
+            assert httpx.get(stack.url("resolver") + "/healthz", timeout=10).status_code == 200
+            ready = httpx.get(stack.url("resolver") + "/readyz", timeout=10)
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["s3"] is False and ready.json()["degraded"] == ["s3"]
         finally:
             s3.signal(signal.SIGCONT)

@@ -77,7 +77,10 @@ def test_redis_down_serves_local_files_then_s3(stack: Stack, quiet_node: Stores)
         assert r.status_code == 302
         assert httpx.get(r.headers["location"]).content == b"in s3"
         assert client.get("/resolve/2026/01/01/none.txt").status_code == 404
-        assert client.get("/healthz").status_code == 503
+        # Still serving (from disk, then S3): alive, ready, Redis reported as degraded.
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["degraded"] == ["redis"]
 
 
 def test_blob_urls_are_signed_and_expire(stack: Stack, quiet_node: Stores) -> None:
@@ -217,7 +220,7 @@ def test_public_path_at_the_root_leaves_the_service_routes_alone(
     key = put_local(quiet_node, b"root public path")
     for standalone in ("0", "1"):
         for client in client_for(stack, QPROXY_PUBLIC_PATH="/", QPROXY_STANDALONE=standalone):
-            assert client.get("/healthz").json()["redis"] is True
+            assert client.get("/readyz").json()["redis"] is True
             assert "qproxy_resolve_total" in client.get("/metrics").text
             assert client.get(f"/status/{key}").json()["key"] == key
             r = client.get(f"/{key}")
