@@ -99,6 +99,9 @@ class Config:
     tus_expire_seconds: float = 86400.0  # an incomplete tus upload is removed after this
     # comma-separated origins (or "*") whose browser clients may use the tus path
     tus_cors_origins: str = ""
+    # where this node's processes keep their metrics (empty: a folder in the temp directory
+    # named after the local root)
+    metrics_dir: str = ""
     on_transferred: str = ""  # dotted path of a callable(record: dict), run in the worker
     on_failed: str = ""
 

@@ -4,7 +4,7 @@ through others; the core imports no I/O library.
 
 Layers, bottom to top (README.md, "Architecture")::
 
-    foundation  errors, config, keys, headers, redis_url
+    foundation  errors, config, keys, headers, redis_url, metrics
     core        qproxy.core.*           no I/O at all
     stores      qproxy.stores.*         each backend behind a Protocol
     compose     qproxy.compose          builds the stores from Config
@@ -27,7 +27,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qproxy"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "foundation",
-        ("qproxy.errors", "qproxy.config", "qproxy.keys", "qproxy.headers", "qproxy.redis_url"),
+        (
+            "qproxy.errors",
+            "qproxy.config",
+            "qproxy.keys",
+            "qproxy.headers",
+            "qproxy.redis_url",
+            "qproxy.metrics",
+        ),
     ),
     ("core", ("qproxy.core",)),
     ("stores", ("qproxy.stores",)),

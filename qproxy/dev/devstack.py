@@ -162,6 +162,9 @@ class Stack:
             "QPROXY_JANITOR_INTERVAL": "1",
             "QPROXY_RETRY_BACKOFF": "0.5",
             "QPROXY_RETRY_BACKOFF_MAX": "5",
+            # The stack's processes sum their metrics here (and never in a folder that
+            # this process's environment named for another stack).
+            "PROMETHEUS_MULTIPROC_DIR": str(self.dir / "metrics"),
         }
         env.update(AWS_TEST_ENV)
         env.update(self.settings)

@@ -20,6 +20,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from qproxy import metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import tus as tus_core
@@ -57,6 +58,7 @@ class UploadMiddleware:
         self.app = app
         self.stores = stores or Stores(config)
         self.config = self.stores.config
+        metrics.setup(self.config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

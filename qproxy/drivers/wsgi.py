@@ -15,6 +15,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from qproxy import metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import tus as tus_core
@@ -57,6 +58,7 @@ class UploadMiddleware:
         self.app = app
         self.stores = stores or Stores(config)
         self.config = self.stores.config
+        metrics.setup(self.config)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterable
 
+from qproxy import metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core.multipart import FileData, FileEnd, FileStart, RawBodyRewriter
@@ -87,6 +89,7 @@ class Intake:
         self._temps: list[tuple[StoredFile, TempFile]] = []
         self._current: tuple[FileStart, TempFile] | None = None
         self._settled = False
+        self._started = time.monotonic()
 
     @classmethod
     def of_file(cls, stores: Stores, temp: TempFile, *, filename: str, content_type: str) -> Intake:
@@ -189,12 +192,20 @@ class Intake:
                     **({"private": True} if stored.private else {}),
                 },
             )
+        self._count("kept")
+
+    def _count(self, outcome: str) -> None:
+        if self.files:
+            seconds = time.monotonic() - self._started
+            for stored in self.files:
+                metrics.upload(outcome, stored.size, seconds)
 
     def discard(self) -> None:
         """The app refused the request (or it broke): leave nothing behind."""
         if self._settled:
             return
         self._settled = True
+        self._count("discarded")
         temps: Iterable[TempFile] = [t for _, t in self._temps]
         if self._current is not None:
             temps = [*temps, self._current[1]]

@@ -91,7 +91,7 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.worker.app import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_worker(_config(), extra)
+    run_worker(_config(), extra, metrics_port=args.metrics_port)
     return 0
 
 
@@ -413,6 +413,13 @@ def _parse_worker(add: AddCommand) -> None:
         "run a Celery worker that moves files to S3",
         "Run a Celery worker on qproxy's queue. Arguments qproxy does not know are passed to "
         "Celery's worker, e.g. `qproxy worker --concurrency 8`.",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve this host's worker metrics (Prometheus) on PORT, e.g. 9640 (default: off)",
     )
     p.set_defaults(func=cmd_worker, passthrough=True)
 

@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import quote, unquote, urlsplit
@@ -30,6 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from qproxy import metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import decision as render
@@ -48,6 +48,7 @@ from qproxy.core.decision import (
     should_ask_s3,
     shown_as,
 )
+from qproxy.core.record import State
 from qproxy.errors import ConfigError, InvalidKey, QProxyError, StateUnavailable
 from qproxy.headers import check_file_query, check_signature, signed_query
 from qproxy.keys import validate_key
@@ -137,7 +138,7 @@ class Resolver:
         self.config = config = self.stores.config
         check_config(config)
         self.standalone = config.standalone if standalone is None else standalone
-        self.counts: Counter[str] = Counter()
+        metrics.setup(config)
         self.reader = AsyncStateReader(config.redis_url)
         self._misses: dict[str, float] = {}
         self._peer_addresses: dict[str, tuple[str, float]] = {}
@@ -225,8 +226,9 @@ class Resolver:
         self, raw_key: str, *, method: str, retry: bool = False, query: str = ""
     ) -> Decision:
         """:meth:`lookup` for a request, counted in /metrics."""
+        started = time.monotonic()
         decision = await self.lookup(raw_key, method=method, retry=retry, query=query)
-        self.counts[decision.kind] += 1
+        metrics.decided(decision.kind, time.monotonic() - started)
         return decision
 
     async def lookup(
@@ -568,10 +570,14 @@ class Resolver:
         return os.access(self.config.local_path, os.R_OK | os.X_OK)
 
     async def metrics(self, request: Request) -> Response:
-        lines = ["# TYPE qproxy_resolve_total counter"]
-        for kind in ("local", "peer", "redirect", "missing"):
-            lines.append(f'qproxy_resolve_total{{decision="{kind}"}} {self.counts[kind]}')
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        """Every process of this node, summed (qproxy.metrics), and the cluster's records
+        by state (read from Redis now)."""
+        try:
+            census = await anyio.to_thread.run_sync(self.stores.state.census, _INDEXED)
+        except StateUnavailable:
+            census = {}
+        body, kind = await anyio.to_thread.run_sync(metrics.exposition, lambda: _gauges(census))
+        return Response(body, media_type=kind)
 
     # -- lifespan: the janitor ------------------------------------------------------------
 
@@ -622,6 +628,42 @@ class Resolver:
             await asyncio.sleep(
                 max(0.1, self.config.janitor_interval - (time.monotonic() - started))
             )
+
+
+_INDEXED: tuple[State, ...] = ("pending", "local", "queued", "transferring", "failed")
+
+
+def _gauges(
+    census: Mapping[State, tuple[int, float | None]],
+) -> list[tuple[str, str, dict[str, str], float]]:
+    now = time.time()
+    out = [
+        (
+            "qproxy_records",
+            "Records by state, cluster-wide (remote ones are not indexed, so not counted).",
+            {"state": str(state)},
+            float(count),
+        )
+        for state, (count, _) in census.items()
+    ]
+    waiting = [when for state, (_, when) in census.items() if state != "pending" and when]
+    out.append(
+        (
+            "qproxy_oldest_unsent_seconds",
+            "Seconds since the file not yet in S3 that waits longest last changed state.",
+            {},
+            max(0.0, now - min(waiting)) if waiting else 0.0,
+        )
+    )
+    out.append(
+        (
+            "qproxy_state_reachable",
+            "1 when Redis answered this scrape's questions, 0 when not.",
+            {},
+            1.0 if census else 0.0,
+        )
+    )
+    return out
 
 
 async def _send(send: Send, status: int, headers: render.RawHeaders, body: bytes) -> None:

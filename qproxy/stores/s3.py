@@ -23,6 +23,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from qproxy import metrics
 from qproxy.config import Config
 from qproxy.errors import ConfigError, RemoteError, VerificationFailed
 
@@ -43,6 +44,9 @@ def s3_errors(what: str) -> Iterator[None]:
     try:
         yield
     except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code") if hasattr(exc, "response") else None
+        if code not in _NOT_FOUND:  # (a missing object is an answer, not an error)
+            metrics.s3_error(what.split()[0])
         raise RemoteError(f"S3 {what} failed: {exc}") from exc
 
 

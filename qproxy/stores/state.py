@@ -19,6 +19,7 @@ import hiredis
 import redis
 from redis.sentinel import Sentinel
 
+from qproxy import metrics
 from qproxy.core.record import FIELDS, FileRecord, State, encode_fields, timestamp
 from qproxy.errors import KeyExists, LeaseLost, StateUnavailable
 from qproxy.redis_url import is_sentinel, parse_sentinel
@@ -96,6 +97,7 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except redis.RedisError as exc:
+        metrics.redis_error()
         raise StateUnavailable(f"Redis: {exc}") from exc
 
 
@@ -288,6 +290,22 @@ class StateStore:
                 if len(found) >= limit:
                     break
         return sorted(found)
+
+    def census(self, states: Iterable[State]) -> dict[State, tuple[int, float | None]]:
+        """For each of ``states`` (indexed ones: not ``remote``): how many records, and
+        when the one that changed longest ago last changed. One round trip."""
+        wanted = list(states)
+        pipe = self.redis.pipeline(transaction=False)
+        for state in wanted:
+            pipe.zcard(f"{self.prefix}s:{state}")
+            pipe.zrange(f"{self.prefix}s:{state}", 0, 0, withscores=True)
+        with redis_errors():
+            answers = pipe.execute()
+        out: dict[State, tuple[int, float | None]] = {}
+        for i, state in enumerate(wanted):
+            first = answers[2 * i + 1]
+            out[state] = (int(answers[2 * i]), float(first[0][1]) if first else None)
+        return out
 
     def count(self, state: State) -> int:
         with redis_errors():

@@ -16,6 +16,7 @@ import redis
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
 
+from qproxy import metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.errors import QProxyError, StateUnavailable, TransferRetry
@@ -149,9 +150,15 @@ def _sweep_task() -> dict[str, int]:
     return sweep(stores, local=False).as_dict()
 
 
-def run_worker(config: Config, argv: list[str]) -> None:
-    """``qproxy worker``: a Celery worker on qproxy's queue."""
+def run_worker(config: Config, argv: list[str], *, metrics_port: int = 0) -> None:
+    """``qproxy worker``: a Celery worker on qproxy's queue (and, with ``metrics_port``,
+    its pool's metrics, summed, on that port)."""
     global _stores
+    metrics.setup(config)  # before the pool forks: every child counts in the same folder
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=metrics.registry())
     _stores = Stores(config)
     harden_kombu()
     app = make_celery(config)

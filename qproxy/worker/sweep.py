@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qproxy import metrics
 from qproxy.compose import Stores
 from qproxy.core.record import FileRecord
 from qproxy.errors import LeaseLost, QProxyError
@@ -74,6 +75,8 @@ def sweep(
         max_age = stores.config.pending_max_age if pending_max_age is None else pending_max_age
         report.reservations_released = release_dead_reservations(stores, older_than=now - max_age)
         report.multipart_aborted = abort_stale_multipart(stores, now=now)
+    metrics.dropped(report.dropped)
+    metrics.requeued(report.requeued)
     return report
 
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from qproxy import metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core.decision import shown_as
@@ -38,6 +39,20 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
     Idempotent: a record already remote (or deleted, or owned by a live lease) is left alone.
     Raises :class:`TransferRetry` when this attempt failed and another should follow.
     """
+    started = time.monotonic()
+    sizes: list[int] = []
+    try:
+        outcome = _transfer(stores, key, attempts_left=attempts_left, sizes=sizes)
+    except TransferRetry:
+        metrics.transferred("retry", size=0, seconds=time.monotonic() - started)
+        raise
+    if outcome in ("remote", "failed", "conflict") and sizes:
+        size = sizes[-1]
+        metrics.transferred(outcome, size=size, seconds=time.monotonic() - started)
+    return outcome
+
+
+def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int]) -> str:
     state = stores.state
     record = state.get(key)
     now = time.time()
@@ -51,6 +66,7 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
         return record.state
 
     token = uuid.uuid4().hex
+    sizes.append(record.size)  # (an attempt: counted in the metrics)
     try:
         gen = state.transition(
             key,
@@ -67,7 +83,7 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
         # duplicate run took it): start over from what it is now.
         if attempts_left <= -3:
             return "conflict"
-        return transfer(stores, key, attempts_left=attempts_left - 1)
+        return _transfer(stores, key, attempts_left=attempts_left - 1, sizes=sizes)
     # Stored the way it is served (public mode sends clients to the object as it is).
     shown = shown_as(record.content_type, record.filename, inline_types=stores.config.inline)
     try:

@@ -222,6 +222,8 @@ class Cluster:
             "QPROXY_NODE_ID": name,
             # By name: every host resolves it from its /etc/hosts (tests/cluster/net.py).
             "QPROXY_NODE_URL": f"http://{url_host or name}:{RESOLVER_PORT}",
+            # Each node's processes sum their metrics in a folder of its own.
+            "PROMETHEUS_MULTIPROC_DIR": str(self.base / f"{name}-metrics"),
             # Where the other nodes send the tus requests of uploads this node holds.
             "QPROXY_NODE_TUS_URL": f"http://{name}:{NGINX_PORT}",
         }

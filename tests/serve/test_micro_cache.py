@@ -25,8 +25,12 @@ pytestmark = needs_nginx
 
 def _lookups(stack: Stack) -> int:
     text = httpx.get(stack.url("resolver") + "/metrics").text
-    return sum(
-        int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("qproxy_")
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("qproxy_resolve_total")
+        )
     )
 
 

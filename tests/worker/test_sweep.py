@@ -84,7 +84,7 @@ def test_stuck_transfers_are_queued_again(stack: Stack) -> None:
 def test_sweep_aborts_stale_multipart_uploads(stack: Stack) -> None:
     s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
     upload = s3.create_multipart_upload(Bucket="qproxy-dev", Key="left/behind.bin")
-    node = Stores(stack.config.replace(multipart_max_age=0))
+    node = Stores(stack.config.replace(multipart_max_age=0.001))
     time.sleep(1)
     report = sweep(node, local=False)
     assert report.multipart_aborted >= 1
