@@ -102,6 +102,7 @@ class Config:
     # where this node's processes keep their metrics (empty: a folder in the temp directory
     # named after the local root)
     metrics_dir: str = ""
+    log_format: str = "text"  # or "json": one JSON object a line
     on_transferred: str = ""  # dotted path of a callable(record: dict), run in the worker
     on_failed: str = ""
 
@@ -123,6 +124,10 @@ class Config:
         if self.redirect not in ("presigned", "public"):
             raise ConfigError(
                 f"QPROXY_REDIRECT must be 'presigned' or 'public', got {self.redirect!r}"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(
+                f"QPROXY_LOG_FORMAT must be 'text' or 'json', got {self.log_format!r}"
             )
         if self.redirect == "public" and not self.remote_base_url:
             raise ConfigError("QPROXY_REDIRECT=public needs QPROXY_REMOTE_BASE_URL")

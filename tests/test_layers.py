@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qproxy.headers",
             "qproxy.redis_url",
             "qproxy.metrics",
+            "qproxy.logs",
         ),
     ),
     ("core", ("qproxy.core",)),

@@ -20,7 +20,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qproxy import metrics
+from qproxy import logs, metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import tus as tus_core
@@ -59,6 +59,8 @@ class UploadMiddleware:
         self.stores = stores or Stores(config)
         self.config = self.stores.config
         metrics.setup(self.config)
+        if self.config.log_format == "json":  # (otherwise the app's logging is the app's)
+            logs.setup(self.config, whole_process=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

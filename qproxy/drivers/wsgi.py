@@ -15,7 +15,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from qproxy import metrics
+from qproxy import logs, metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import tus as tus_core
@@ -59,6 +59,8 @@ class UploadMiddleware:
         self.stores = stores or Stores(config)
         self.config = self.stores.config
         metrics.setup(self.config)
+        if self.config.log_format == "json":  # (otherwise the app's logging is the app's)
+            logs.setup(self.config, whole_process=False)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # Only qproxy may tell the app a key: never pass a client's own X-QProxy-Key on.

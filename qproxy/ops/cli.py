@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +23,11 @@ QPROXY_KEEP_LOCAL_SECONDS, QPROXY_MAX_UPLOAD_BYTES. See README.md for the full t
 
 
 def _config() -> Config:
-    return Config.from_env()
+    from qproxy import logs
+
+    config = Config.from_env()
+    logs.setup(config)  # every command logs with time and level, text or JSON
+    return config
 
 
 def _default_server() -> str:
@@ -90,7 +93,6 @@ def cmd_resolver(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.worker.app import run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_worker(_config(), extra, metrics_port=args.metrics_port)
     return 0
 

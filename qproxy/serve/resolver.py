@@ -29,7 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qproxy import metrics
+from qproxy import logs, metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.core import decision as render
@@ -139,6 +139,7 @@ class Resolver:
         check_config(config)
         self.standalone = config.standalone if standalone is None else standalone
         metrics.setup(config)
+        logs.setup(config)  # (the janitor's and the sweep's lines: time and level on each)
         self.reader = AsyncStateReader(config.redis_url)
         self._misses: dict[str, float] = {}
         self._peer_addresses: dict[str, tuple[str, float]] = {}

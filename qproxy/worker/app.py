@@ -16,7 +16,7 @@ import redis
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
 
-from qproxy import metrics
+from qproxy import logs, metrics
 from qproxy.compose import Stores
 from qproxy.config import Config
 from qproxy.errors import QProxyError, StateUnavailable, TransferRetry
@@ -162,6 +162,14 @@ def run_worker(config: Config, argv: list[str], *, metrics_port: int = 0) -> Non
     _stores = Stores(config)
     harden_kombu()
     app = make_celery(config)
+    from celery.signals import setup_logging
+
+    @setup_logging.connect(weak=False)
+    def _logging(**_: object) -> None:
+        # Celery then leaves logging alone: its own lines come out as qproxy's do (the
+        # format QPROXY_LOG_FORMAT says, time and level on each), in every pool process.
+        logs.setup(config)
+
     args = ["worker", "--queues", QUEUE, "--loglevel", "INFO", *argv]
     import click
 

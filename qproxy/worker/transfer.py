@@ -54,6 +54,7 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
 
 def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int]) -> str:
     state = stores.state
+    started = time.monotonic()
     record = state.get(key)
     now = time.time()
     if record is None:
@@ -67,6 +68,18 @@ def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int])
 
     token = uuid.uuid4().hex
     sizes.append(record.size)  # (an attempt: counted in the metrics)
+
+    def fields(gen: int) -> dict[str, Any]:
+        """What every line of this attempt carries (JSON logs: fields of their own)."""
+        return {
+            "key": key,
+            "node": record.node,
+            "gen": gen,
+            "attempt": record.attempts + 1,
+            "size": record.size,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }
+
     try:
         gen = state.transition(
             key,
@@ -116,13 +129,27 @@ def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int])
                 fields={"lease": "", "lease_until": "", "error": error},
             )
         except LeaseLost as lost:
-            log.warning("transfer %s: lease conflict after failure: %s", key, lost)
+            log.warning(
+                "transfer %s: lease conflict after failure: %s", key, lost, extra=fields(gen)
+            )
             return "conflict"
         if final:
-            log.error("transfer %s failed for good: %s", key, error)
+            log.error(
+                "transfer %s failed for good (attempt %d): %s",
+                key,
+                record.attempts + 1,
+                error,
+                extra={**fields(gen), "state": "failed", "error": error},
+            )
             run_hook(stores, stores.config.on_failed, state.get(key))
             return "failed"
-        log.warning("transfer %s failed, will retry: %s", key, error)
+        log.warning(
+            "transfer %s failed (attempt %d), will retry: %s",
+            key,
+            record.attempts + 1,
+            error,
+            extra={**fields(gen), "state": "queued", "error": error},
+        )
         raise TransferRetry(exc) from exc
 
     wanted = stores.config.keep_local_seconds if record.keep is None else record.keep
@@ -145,7 +172,9 @@ def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int])
             drop=(record.node, time.time() + keep),
         )
     except LeaseLost as lost:
-        log.warning("transfer %s: lease conflict, not marking remote: %s", key, lost)
+        log.warning(
+            "transfer %s: lease conflict, not marking remote: %s", key, lost, extra=fields(gen)
+        )
         now_record = state.get(key)
         if (
             now_record is None
@@ -171,7 +200,18 @@ def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int])
                     from_states=("remote",),
                     fields={"stale": ""},
                 )
-    log.info("transfer %s: remote (%d bytes, sha256 %s)", key, record.size, record.sha256)
+    done = fields(gen)
+    log.info(
+        "transfer %s: remote (%d bytes, attempt %d, gen %d, from %s, %.0f ms, sha256 %s)",
+        key,
+        record.size,
+        done["attempt"],
+        gen,
+        record.node,
+        done["duration_ms"],
+        record.sha256,
+        extra={**done, "state": "remote"},
+    )
     if stores.config.on_transferred:  # (no Redis read for a hook nobody set)
         run_hook(stores, stores.config.on_transferred, state.get(key))
     return "remote"
