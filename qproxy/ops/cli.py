@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from qproxy import __version__
 from qproxy.config import Config
@@ -103,10 +105,10 @@ def _fmt_time(ts: float) -> str:
 
 def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.compose import Stores
-    from qproxy.keys import validate_key
 
-    key = validate_key(args.key)
-    record = Stores(_config()).state.get(key)
+    config = _config()
+    key = key_of(config, args.key)
+    record = Stores(config).state.get(key)
     if record is None:
         if args.json:
             print(json.dumps({"key": key, "state": None, "error": "not found"}))
@@ -137,38 +139,123 @@ def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def key_of(config: Config, given: str) -> str:
+    """A key, given as itself or as a file's URL (``/media/KEY``, ``https://host/media/KEY``,
+    signed or not): the key, validated."""
+    from urllib.parse import unquote, urlsplit
+
+    from qproxy.keys import validate_key
+
+    text = given
+    if "://" in text:
+        text = urlsplit(text).path
+    elif "?" in text:
+        text = text.partition("?")[0]
+    if text.startswith(config.public_path):
+        text = unquote(text[len(config.public_path) :])
+    return validate_key(text)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def cmd_ls(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.compose import Stores
     from qproxy.core.record import STATES
 
     node = Stores(_config())
-    states = [args.state] if args.state else list(STATES)
-    rows = []
+    states = [args.state] if args.state else [s for s in STATES if s != "deleted"]
+    records = []
     for state in states:
-        for key in node.state.keys_in_state(state, limit=args.limit):
+        # Remote files are not indexed: all of them are read (up to 100,000), then sorted.
+        limit = 100_000 if state == "remote" else args.limit
+        for key in node.state.keys_in_state(state, limit=limit, newest=True):
             record = node.state.get(key)
-            if record is not None:
-                rows.append(record.as_dict())
+            if record is not None and (not args.node or record.node == args.node):
+                records.append(record)
+    records.sort(key=lambda r: r.created, reverse=True)  # newest first
+    records = records[: args.limit]
     if args.json:
-        print(json.dumps(rows, indent=2, sort_keys=True))
-    else:
-        for row in rows:
-            print(f"{row['state']:12} {row['size']:>12} {row['key']}")
+        print(json.dumps([r.as_dict() for r in records], indent=2, sort_keys=True))
+        return 0
+    now = time.time()
+    rows = [
+        (r.state, _size(r.size), _age(now - r.created), r.node, r.filename or "-", r.key)
+        for r in records
+    ]
+    header = ("STATE", "SIZE", "AGE", "NODE", "FILENAME", "KEY")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
+    for row in [header, *rows]:
+        cells = [
+            str(c).ljust(w) if i != 1 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        print("  ".join([*cells, row[5]]))
+    if not rows:
+        print("(no files)", file=sys.stderr)
     return 0
 
 
 def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.compose import Stores
-    from qproxy.core.multipart import clean_content_type, clean_filename
-    from qproxy.keys import alternative_key, generate_key, validate_key
-    from qproxy.lifecycle.files import reserve_free, store
 
     if args.replace and not args.key:
         print("qproxy put: --replace needs --key (the file to replace)", file=sys.stderr)
         return 2
-    filename = clean_filename(os.path.basename(args.file))
+    if args.key and len(args.files) > 1:
+        print("qproxy put: --key names one file; give one FILE with it", file=sys.stderr)
+        return 2
+    for path in args.files:  # every one checked before any is stored
+        if os.path.isdir(path):
+            print(f"qproxy put: {path} is a folder: give the files in it", file=sys.stderr)
+            return 2
+        if not os.path.isfile(path):
+            print(f"qproxy put: {path}: no such file", file=sys.stderr)
+            return 2
+        if not os.access(path, os.R_OK):
+            print(f"qproxy put: {path}: not readable", file=sys.stderr)
+            return 2
     stores = Stores(_config())
-    with open(args.file, "rb") as fh:
+    for path in args.files:
+        print(_put_one(stores, path, args), flush=True)
+    return 0
+
+
+def _put_one(stores: Any, path: str, args: argparse.Namespace) -> str:
+    from tqdm import tqdm
+
+    from qproxy.core.multipart import clean_content_type, clean_filename
+    from qproxy.keys import alternative_key, generate_key, validate_key
+    from qproxy.lifecycle.files import reserve_free, store
+
+    filename = clean_filename(os.path.basename(path))
+    size = os.path.getsize(path)
+    with (
+        open(path, "rb") as fh,
+        # On a terminal: size, rate and time left (tqdm); elsewhere nothing.
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=filename[:40],
+            disable=not sys.stderr.isatty(),
+            leave=True,  # a line per file, with its size and rate, once done
+        ) as bar,
+    ):
         reserved: int | None = None
         if not args.key:
             key = generate_key(filename)  # 144 random bits: never taken
@@ -181,17 +268,15 @@ def cmd_put(args: argparse.Namespace, extra: list[str]) -> int:
             key, reserved = reserve_free(stores, wanted, alternative_key)
             if key != wanted:
                 print(f"qproxy put: {wanted} exists; stored as {key}", file=sys.stderr)
+
+        def chunks() -> Iterator[bytes]:
+            while chunk := fh.read(1024 * 1024):
+                bar.update(len(chunk))
+                yield chunk
+
         fields = {"filename": filename, "content_type": clean_content_type(None, filename)}
-        store(
-            stores,
-            iter(lambda: fh.read(1024 * 1024), b""),
-            key,
-            fields,
-            replace=args.replace,
-            reserved=reserved,
-        )
-    print(key)
-    return 0
+        store(stores, chunks(), key, fields, replace=args.replace, reserved=reserved)
+    return str(key)
 
 
 def cmd_sign(args: argparse.Namespace, extra: list[str]) -> int:
@@ -294,13 +379,14 @@ def cmd_retry(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_delete(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.compose import Stores
-    from qproxy.keys import validate_key
     from qproxy.lifecycle.files import delete
 
-    if not delete(Stores(_config()), validate_key(args.key)):
-        print(f"qproxy: nothing to delete for {args.key}", file=sys.stderr)
+    config = _config()
+    key = key_of(config, args.key)
+    if not delete(Stores(config), key):
+        print(f"qproxy: nothing to delete for {key}", file=sys.stderr)
         return 1
-    print(f"deleted {args.key} (copies are removed in the background)")
+    print(f"deleted {key} (copies are removed in the background)")
     return 0
 
 
@@ -403,7 +489,10 @@ def _parse_resolver(add: AddCommand) -> None:
         help="without nginx: send local files itself under QPROXY_PUBLIC_PATH",
     )
     p.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the server's log level (default: info)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_resolver)
@@ -428,27 +517,34 @@ def _parse_worker(add: AddCommand) -> None:
 
 def _parse_status(add: AddCommand) -> None:
     p = add("status", "show one file's record (its state among the fields)")
-    p.add_argument("key", help="the file's key")
+    p.add_argument("key", help="the file's key, or its URL (/media/KEY, https://host/media/KEY)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=cmd_status)
 
 
 def _parse_ls(add: AddCommand) -> None:
-    p = add("ls", "list files by state")
+    p = add(
+        "ls",
+        "list files, newest first",
+        "List files with their state, size, age, node and filename, newest first (every "
+        "state but deleted unless --state says which).",
+    )
     p.add_argument(
         "--state",
         choices=["pending", "local", "queued", "transferring", "remote", "failed", "deleted"],
+        help="only files in this state",
     )
+    p.add_argument("--node", help="only files uploaded through this node (its QPROXY_NODE_ID)")
     p.add_argument(
-        "--limit", type=int, default=1000, help="at most this many per state (default: 1000)"
+        "--limit", type=int, default=1000, help="at most this many files (default: 1000)"
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=cmd_ls)
 
 
 def _parse_put(add: AddCommand) -> None:
-    p = add("put", "store a local file as an upload would (prints its key)")
-    p.add_argument("file", help="path of the file to store")
+    p = add("put", "store local files as uploads would (prints each one's key)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="paths of the files to store")
     p.add_argument(
         "--key",
         help="store under this key instead of a generated one; if it is taken, under a key "
@@ -492,7 +588,7 @@ def _parse_sweep(add: AddCommand) -> None:
         "--pending-max-age", type=float, help="seconds (default: QPROXY_PENDING_MAX_AGE)"
     )
     p.add_argument("--node-only", action="store_true", help="only this node's part")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -503,7 +599,7 @@ def _parse_nodes(add: AddCommand) -> None:
         "List the web nodes registered in Redis: each node's resolver registers it every "
         "janitor round. A node not seen for three rounds is shown as gone.",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_nodes)
 
 
@@ -523,14 +619,14 @@ def _parse_drain(add: AddCommand) -> None:
 
 def _parse_retry(add: AddCommand) -> None:
     p = add("retry", "queue failed transfers again")
-    p.add_argument("keys", nargs="*", metavar="KEY")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="the failed files to queue again")
     p.add_argument("--all-failed", action="store_true", help="every record in state failed")
     p.set_defaults(func=cmd_retry)
 
 
 def _parse_delete(add: AddCommand) -> None:
     p = add("delete", "delete a file: 404 at once, every copy removed in the background")
-    p.add_argument("key", help="the file's key")
+    p.add_argument("key", help="the file's key, or its URL (/media/KEY, https://host/media/KEY)")
     p.set_defaults(func=cmd_delete)
 
 
@@ -541,7 +637,7 @@ def _parse_reconcile(add: AddCommand) -> None:
         "Rebuild every record from an S3 listing, this node's journal and its disk (run it "
         "on each web node), e.g. after FLUSHALL or on a new empty Redis.",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_reconcile)
 
 
@@ -553,7 +649,7 @@ def _parse_doctor(add: AddCommand) -> None:
         "in the local root and a probe object in S3, asks Redis for its durability settings "
         "and Celery for its workers. Exit status 1 if anything failed.",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -619,7 +715,12 @@ def _parse_demo(add: AddCommand) -> None:
     p = add("demo", "start the whole stack locally and show a file going local -> remote")
     p.add_argument("--once", action="store_true", help="do one round trip and exit (0 on success)")
     p.add_argument("--no-nginx", action="store_true", help="use the resolver's standalone mode")
-    p.add_argument("--mode", choices=["x-accel", "auth_request"], default="x-accel")
+    p.add_argument(
+        "--mode",
+        choices=["x-accel", "auth_request"],
+        default="x-accel",
+        help="nginx's mode (default: x-accel)",
+    )
     p.add_argument(
         "--app",
         default="qproxy.dev.demo:make_app",

@@ -58,7 +58,12 @@ class Records(Protocol):
         drop: tuple[str, float] | None = None,
     ) -> int: ...
     def keys_in_state(
-        self, state: State, *, older_than: float | None = None, limit: int = 1000
+        self,
+        state: State,
+        *,
+        older_than: float | None = None,
+        limit: int = 1000,
+        newest: bool = False,
     ) -> list[str]: ...
     def keys_under(self, prefix: str, *, limit: int = 100_000) -> list[str]: ...
     def states(self, keys: list[str]) -> list[State | None]: ...

@@ -246,9 +246,15 @@ class StateStore:
             batch.pipe.execute()
 
     def keys_in_state(
-        self, state: State, *, older_than: float | None = None, limit: int = 1000
+        self,
+        state: State,
+        *,
+        older_than: float | None = None,
+        limit: int = 1000,
+        newest: bool = False,
     ) -> list[str]:
-        """Keys in ``state``, oldest change first (for ``remote``: any order, by a scan).
+        """Keys in ``state``, oldest change first (``newest``: latest first; for ``remote``:
+        any order, by a scan).
 
         Every state but ``remote`` has an index sorted by last change, so sweeps cost what is
         stuck. Remote files, the vast majority, are not indexed: it halves the memory a
@@ -258,9 +264,14 @@ class StateStore:
             return self._scan_state("remote", limit)
         top = "+inf" if older_than is None else repr(older_than)
         with redis_errors():
-            members = self.redis.zrangebyscore(
-                f"{self.prefix}s:{state}", "-inf", top, start=0, num=limit
-            )
+            if newest:  # the latest changes first (listings)
+                members = self.redis.zrevrangebyscore(
+                    f"{self.prefix}s:{state}", top, "-inf", start=0, num=limit
+                )
+            else:
+                members = self.redis.zrangebyscore(
+                    f"{self.prefix}s:{state}", "-inf", top, start=0, num=limit
+                )
         return [m.decode() for m in cast(list[bytes], members)]
 
     def _scan_state(self, state: State, limit: int) -> list[str]:

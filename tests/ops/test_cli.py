@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -56,7 +57,7 @@ def test_top_level_help_lists_commands() -> None:
         ("worker", "passed to Celery"),
         ("status", "--json"),
         ("ls", "--state"),
-        ("put", "path of the file"),
+        ("put", "paths of the files"),
         ("nginx-config", "--full"),
         ("demo", "--once"),
         ("sweep", "--stuck-after"),
@@ -343,3 +344,125 @@ def test_nodes_lists_registered_nodes_and_the_gone(stack: Stack) -> None:
         assert re.search(rf"^{name} +http://10\.9\.9\.9:8300 +\d+s +gone$", text, re.M), text
     finally:
         state.deregister_node(name)
+
+
+def test_every_option_has_help_and_the_readme_summary_matches_it() -> None:
+    from qproxy.ops.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    summary = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    lines: dict[str, str] = {}
+    current = ""
+    for line in summary.splitlines():
+        if line.startswith("qproxy "):
+            current = line.split()[1]
+            lines[current] = line
+        elif current and line.startswith(" "):
+            lines[current] += " " + line
+    assert set(lines) == set(commands.choices), set(lines) ^ set(commands.choices)
+    for name, sub in commands.choices.items():
+        options = set()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"qproxy {name}: {action.dest} has no help"
+            options |= {o for o in action.option_strings if o.startswith("--")}
+        said = set(re.findall(r"--[a-z][a-z-]*", lines[name]))
+        assert said == options, f"qproxy {name}: README says {said}, --help has {options}"
+
+
+def test_put_takes_several_files_and_refuses_what_is_not_one(stack: Stack, tmp_path: Path) -> None:
+    files = []
+    for i in range(3):
+        path = tmp_path / f"part-{i}.txt"
+        path.write_bytes(f"file {i}\n".encode() * 100)
+        files.append(path)
+    done = qproxy("put", *map(str, files), env=stack.env)
+    assert done.returncode == 0, done.stderr
+    keys = done.stdout.split()
+    assert len(keys) == 3 and len(set(keys)) == 3
+    node = Stores(stack.config)
+    for key, path in zip(keys, files, strict=True):
+        record = node.state.get(key)
+        assert record is not None and record.filename == path.name
+        assert record.size == path.stat().st_size
+    assert done.stderr == ""  # no terminal: no progress bar
+    # One line, exit 2, and nothing stored when one of them is not a file.
+    before = len(node.state.keys_in_state("local")) + len(node.state.keys_in_state("queued"))
+    missing = qproxy("put", str(files[0]), str(tmp_path / "nope.bin"), env=stack.env)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr == f"qproxy put: {tmp_path / 'nope.bin'}: no such file\n"
+    folder = qproxy("put", str(tmp_path), env=stack.env)
+    assert folder.returncode == 2
+    assert folder.stderr == f"qproxy put: {tmp_path} is a folder: give the files in it\n"
+    after = len(node.state.keys_in_state("local")) + len(node.state.keys_in_state("queued"))
+    assert after <= before  # (the worker may have moved some on meanwhile, never added)
+
+
+def test_put_shows_a_progress_bar_on_a_terminal(stack: Stack, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(4 * 1024 * 1024))
+    leader, follower = pty.openpty()
+    # A terminal 100 columns wide (a new pty has none: the bar would have no room).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    done = subprocess.run(
+        [sys.executable, "-m", "qproxy", "put", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+        timeout=60,
+        env={**os.environ, **stack.env},
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert done.returncode == 0 and done.stdout.strip()
+    text = shown.decode(errors="replace")
+    # The name, how far, the size, the rate and the time left (tqdm's bar).
+    assert "big.bin" in text and "100%" in text and "4.00M/4.00M" in text, text
+    assert "B/s" in text and "<00:00" in text, text
+
+
+def test_status_and_delete_take_a_files_url(stack: Stack, tmp_path: Path) -> None:
+    path = tmp_path / "by url.txt"
+    path.write_text("by url\n")
+    key = qproxy("put", str(path), env=stack.env).stdout.strip()
+    for given in (f"/media/{key}", f"https://files.example.com/media/{key}?exp=1&sig=x", key):
+        shown = qproxy("status", given, "--json", env=stack.env)
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["key"] == key
+    gone = qproxy("delete", f"http://127.0.0.1/media/{key}", env=stack.env)
+    assert gone.returncode == 0 and f"deleted {key}" in gone.stdout
+
+
+def test_ls_has_a_header_newest_first_and_filters(stack: Stack, tmp_path: Path) -> None:
+    names = []
+    for i in range(3):
+        path = tmp_path / f"listed-{i}.txt"
+        path.write_text(f"listed {i}\n")
+        qproxy("put", str(path), env=stack.env)
+        names.append(path.name)
+        time.sleep(0.01)  # (distinct creation times)
+    listed = qproxy("ls", "--limit", "2", env=stack.env)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["STATE", "SIZE", "AGE", "NODE", "FILENAME", "KEY"]
+    assert len(lines) == 3  # the header and --limit 2
+    assert names[2] in lines[1] and names[1] in lines[2]  # newest first
+    assert re.search(r"\s\d+s\s+node-1\s", lines[1]), lines[1]
+    assert qproxy("ls", "--node", "elsewhere", env=stack.env).stdout.splitlines()[1:] == []
