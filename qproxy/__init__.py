@@ -4,6 +4,8 @@ Wrap an app with :class:`qproxy.wsgi.UploadMiddleware`; run ``qproxy worker`` an
 ``qproxy resolver``; put nginx in front (``qproxy nginx-config``).
 """
 
+from typing import Any
+
 from qproxy.config import Config
 from qproxy.core.upload import StoredFile
 from qproxy.errors import (
@@ -36,6 +38,17 @@ def delete(key: str, config: Config | None = None) -> bool:
     return delete_file(Stores(config), validate_key(key))
 
 
+def status(key: str, config: Config | None = None) -> dict[str, Any] | None:
+    """A stored file's record as a dict (``state``: pending, local, queued, transferring,
+    remote, failed or deleted; ``size``, ``sha256``, ``filename``, ``error``, ...), or None
+    when there is none."""
+    from qproxy.compose import Stores
+    from qproxy.keys import validate_key
+
+    record = Stores(config).state.get(validate_key(key))
+    return None if record is None else record.as_dict()
+
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -53,4 +66,5 @@ __all__ = [
     "__version__",
     "delete",
     "sign_url",
+    "status",
 ]

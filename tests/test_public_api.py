@@ -29,6 +29,7 @@ def test_exported_names() -> None:
         "__version__",
         "delete",
         "sign_url",
+        "status",
     ]
 
 

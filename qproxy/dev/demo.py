@@ -7,10 +7,13 @@ in :class:`qproxy.wsgi.UploadMiddleware`.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
+import shlex
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -211,6 +214,27 @@ def round_trip(stack: Any, *, size: int = 16 * 1024 * 1024 + 17, timeout: float 
             raise SystemExit("demo: the bytes fetched from S3 differ from the upload")
         say("remote", f"fetched {len(from_s3.content)} bytes from S3: sha256 matches the upload")
 
+        # The app's page shows the file's state (the demo's through /api/files, the
+        # examples' in their HTML).
+        listing = client.get(front + "/api/files")
+        json_list = listing.headers.get("content-type", "").startswith("application/json")
+        if listing.status_code == 200 and json_list:
+            shown = {f["key"]: f["state"] for f in listing.json()}.get(key)
+        else:
+            page = client.get(front + "/").text
+            row = next((r for r in page.split("<tr>") if html.escape(key) in r), "")
+            shown = "remote" if ">remote<" in row else None
+        if shown != "remote":
+            raise SystemExit(f"demo: the app's page does not show {key} as remote ({shown})")
+        say("page", f"the app's page lists {key} as remote")
+
+
+def export_lines(stack: Any) -> list[str]:
+    """The shell lines that point the ``qproxy`` command at ``stack``."""
+    env = stack.env
+    names = sorted(n for n in env if n.startswith(("QPROXY_", "AWS_")))
+    return [f"export {name}={shlex.quote(env[name])}" for name in names]
+
 
 def run_demo(
     *,
@@ -259,6 +283,10 @@ def run_demo(
         print(
             f"\nqproxy demo is running: open {stack.front}/ to upload files and watch their state."
         )
+        print("To use the qproxy command on this stack, in another shell:")
+        for line in export_lines(stack):
+            print(f"  {line}")
+        print("  qproxy ls")
         print(f"state and logs: {stack.dir}    Ctrl-C stops everything.", flush=True)
         while all(s.alive() for s in stack.services.values()):
             time.sleep(0.5)
@@ -272,4 +300,6 @@ def run_demo(
         print("\nstopping...", flush=True)
         return 0
     finally:
-        stack.stop()
+        logs = Path(tempfile.gettempdir()) / f"qproxy-demo-logs-{time.strftime('%Y%m%d-%H%M%S')}"
+        stack.stop(keep_logs=logs)
+        print(f"logs kept in {logs}", flush=True)

@@ -135,9 +135,15 @@ class Stack:
             self.stop()
             raise
 
-    def stop(self) -> None:
+    def stop(self, *, keep_logs: Path | None = None) -> None:
+        """Stop every service; remove the stack's folder if it made it (its logs moved to
+        ``keep_logs`` first, when given)."""
         for name in reversed(list(self.services)):
             self.services.pop(name).stop()
+        if keep_logs is not None and self.base is not None:
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in self.base.glob("*.log"):
+                shutil.move(log, keep_logs / log.name)
         if self._own_base and self.base is not None:
             shutil.rmtree(self.base, ignore_errors=True)
 

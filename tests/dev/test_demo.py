@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -129,6 +131,20 @@ def test_demo_runs_until_ctrl_c(demo_tmp: Path) -> None:
                 url = line.split("open ", 1)[1].split(" ", 1)[0].rstrip("/")
                 break
         assert url, "".join(lines)
+        # The lines to point the qproxy command at the running stack, which work.
+        exports = {}
+        while (line := proc.stdout.readline()) and "state and logs:" not in line:
+            lines.append(line)
+            if line.strip().startswith("export "):
+                name, _, value = line.strip().removeprefix("export ").partition("=")
+                exports[name] = shlex.split(value)[0]
+        assert {"QPROXY_REDIS_URL", "QPROXY_LOCAL_ROOT", "QPROXY_S3_ENDPOINT_URL"} <= set(exports)
+        cli_env = {k: v for k, v in os.environ.items() if not k.startswith("QPROXY_")}
+        listed = subprocess.run(
+            [sys.executable, "-m", "qproxy", "ls"], capture_output=True, text=True,
+            env={**cli_env, **exports}, timeout=60,
+        )  # fmt: skip
+        assert listed.returncode == 0 and "holiday photo.jpg" in listed.stdout, listed
         page = httpx.get(url + "/")
         assert page.status_code == 200 and "qproxy demo" in page.text
         up = httpx.post(
@@ -160,7 +176,12 @@ def test_demo_runs_until_ctrl_c(demo_tmp: Path) -> None:
         served = httpx.get(url + found["url"], follow_redirects=True)
         assert served.content == data
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        # The logs outlive the stack, and it says where.
+        kept = re.search(r"logs kept in (\S+)", rest)
+        assert kept, rest
+        assert (Path(kept.group(1)) / "worker.log").stat().st_size > 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -187,6 +208,7 @@ def test_examples_run_on_the_whole_stack(demo_tmp: Path, app: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "the app received the key" in result.stdout
     assert "sha256 matches the upload" in result.stdout
+    assert "the app's page lists" in result.stdout  # its page shows the state too
     assert processes_under(demo_tmp) == []
 
 
