@@ -14,7 +14,8 @@ PLAYWRIGHT := .cache/browser/node_modules/playwright-core/package.json
 .PHONY: bench static test-django-current demo test lint typecheck pytest system-deps clean example-flask example-fastapi example-django
 
 ## system-deps: Debian's redis-server, nginx, npm (for s3rver), iproute2 (the network namespaces of
-## tests/cluster), chromium (the demo page's test), and wrk + curl for the benchmarks
+## tests/cluster), chromium (the demo page's test), systemd (systemd-analyze verify of deploy/'s
+## units), and wrk + curl for the benchmarks
 ## (installed when run as root and absent)
 system-deps:
 	@missing=""; \
@@ -24,6 +25,7 @@ system-deps:
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

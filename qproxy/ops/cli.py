@@ -698,7 +698,7 @@ def _parse_nginx_config(add: AddCommand) -> None:
     p.add_argument(
         "--micro-cache-path",
         default="",
-        help="folder for the cached answers (default: /var/cache/nginx/qproxy; with --full, "
+        help="folder for the cached answers (default: /var/lib/nginx/qproxy-cache; with --full, "
         "qproxy_decisions under nginx's prefix)",
     )
     p.add_argument(

@@ -80,7 +80,8 @@ class NginxOptions:
     # X-Accel mode needs a second hop to cache (nginx never caches an answer it acts on):
     # a loopback server that caches, which the public location proxies to.
     micro_cache_listen: str = "127.0.0.1:8301"
-    micro_cache_path: str = "/var/cache/nginx/qproxy"
+    # Debian's nginx has /var/lib/nginx (and no /var/cache/nginx); nginx makes the rest.
+    micro_cache_path: str = "/var/lib/nginx/qproxy-cache"
     # Offload mode: on QPROXY_RAW_UPLOAD_PATHS nginx writes the body to disk itself and
     # hands the app its path; qproxy hashes it and renames it into the store.
     offload: bool = False
