@@ -81,6 +81,8 @@ def check_file_query(secret: str, key: str, query: str, *, method: str) -> bool:
 
 
 OFFLOAD_FILE_HEADER = "X-QProxy-Body-File"
+# Other hosts (nginx elsewhere, operators) send QPROXY_ADMIN_TOKEN in this header.
+TOKEN_HEADER = "X-QProxy-Token"
 OFFLOAD_TOKEN_HEADER = "X-QProxy-Body-Token"
 
 

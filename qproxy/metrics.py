@@ -199,6 +199,17 @@ def registry() -> CollectorRegistry:
     return out
 
 
+def total(sample: str) -> float:
+    """The sum over this node's processes of one sample (e.g. ``qproxy_s3_sent_bytes_total``),
+    all labels together."""
+    found = 0.0
+    for family in registry().collect():
+        for item in family.samples:
+            if item.name == sample:
+                found += item.value
+    return found
+
+
 class _GaugeCollector:
     def __init__(self, gauges: Gauges) -> None:
         self.gauges = gauges

@@ -50,9 +50,11 @@ from qproxy.core.decision import (
 )
 from qproxy.core.record import State
 from qproxy.errors import ConfigError, InvalidKey, QProxyError, StateUnavailable
+from qproxy.headers import TOKEN_HEADER as ADMIN_TOKEN_HEADER
 from qproxy.headers import check_file_query, check_signature, signed_query
 from qproxy.keys import validate_key
 from qproxy.lifecycle import nodes
+from qproxy.serve.admin import StatusPage
 from qproxy.stores import Objects
 from qproxy.stores.s3 import RemoteStore
 from qproxy.stores.state import AsyncStateReader
@@ -70,7 +72,7 @@ PEER_DNS_TTL = 30.0
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-TOKEN_HEADER = b"x-qproxy-token"
+TOKEN_HEADER = ADMIN_TOKEN_HEADER.lower().encode()
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 _FORBIDDEN = (
     403,
@@ -160,14 +162,18 @@ class Resolver:
             "/metrics": request_response(self.metrics),
         }
         public = self._standalone_file if self.standalone else self._public
+        # The status page asks for the admin token itself (and takes POSTs: a retry).
+        self._admin: Handler = StatusPage(self.stores)
+        self._blob_handler: Handler = request_response(self.blob)
         self._prefixes: list[tuple[str, Handler]] = [
+            ("/admin/", self._admin),
             ("/resolve/", self._resolve),
             ("/status/", request_response(self.status)),
-            ("/internal/blob/", request_response(self.blob)),
+            ("/internal/blob/", self._blob_handler),
             (self.public_path, public),
         ]
         # Served to any host: signed blobs, and in standalone mode the files themselves.
-        self._open_handlers: set[Handler] = {self._prefixes[2][1]}
+        self._open_handlers: set[Handler] = {self._blob_handler, self._admin}
         # And the health checks, for load balancers on other hosts.
         self._open_handlers |= {self._exact["/healthz"], self._exact["/readyz"]}
         if self.standalone:
@@ -196,10 +202,13 @@ class Resolver:
                 if path.startswith(prefix):
                     handler = candidate
                     break
+        if handler is None and path == "/admin":
+            await _send(send, 308, [(b"location", b"/admin/"), (b"content-length", b"0")], b"")
+            return
         if handler is None:
             await _send(send, *render.MISSING_ANSWER)
             return
-        if scope["method"] not in ("GET", "HEAD"):
+        if scope["method"] not in ("GET", "HEAD") and handler is not self._admin:
             await _send(send, 405, [(b"content-length", b"0"), (b"allow", b"GET, HEAD")], b"")
             return
         if handler not in self._open_handlers and not self._trusted(scope):
