@@ -13,7 +13,7 @@ import time
 import httpx
 
 from qproxy.compose import Stores
-from qproxy.dev.devstack import Stack
+from qproxy.dev.devstack import Stack, free_port
 from tests.conftest import wait_state
 
 TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -46,8 +46,10 @@ def test_every_sweep_line_has_its_time_and_level(stack: Stack) -> None:
 
 def test_a_json_workers_transfer_line_names_the_file_and_the_attempt(stack: Stack) -> None:
     log_path = stack.dir / "worker-json.log"
+    metrics_port = free_port()  # (and its metrics, served on a port of its own)
     argv = [sys.executable, "-m", "qproxy", "worker", "--concurrency", "1", "--without-gossip",
-            "--without-mingle", "--without-heartbeat", "--hostname", f"json-{time.time_ns()}@%h"]  # fmt: skip
+            "--without-mingle", "--without-heartbeat", "--hostname", f"json-{time.time_ns()}@%h",
+            "--metrics-port", str(metrics_port)]  # fmt: skip
     stack.spawn("worker-json", argv, env={"QPROXY_LOG_FORMAT": "json"})
     # The stack's worker stops (a stopped one would still have taken the job: its pending
     # BRPOP): the JSON worker takes the transfer. Started again after.
@@ -58,6 +60,9 @@ def test_a_json_workers_transfer_line_names_the_file_and_the_attempt(stack: Stac
         answer = httpx.post(f"{stack.front}/upload", files={"file": ("l.txt", data)}, timeout=30)
         (key,) = answer.json()["keys"]
         wait_state(Stores(stack.config), key, "remote")
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        remote = re.search(r'^qproxy_transfers_total\{outcome="remote"\} (\S+)$', scraped, re.M)
+        assert remote and float(remote.group(1)) >= 1, scraped[:2000]
     finally:
         stack.services.pop("worker-json").stop()
         stack.start_worker()
