@@ -93,6 +93,7 @@ class Bench:
         self.quick = quick
         self.rounds = rounds
         self.rows: list[Row] = []
+        self.failed: list[dict[str, str]] = []  # rows that broke: {"row", "error"}
         self.tmp = Path(tempfile.mkdtemp(prefix="qproxy-bench-"))
         os.chmod(self.tmp, 0o755)
         self.stack = Stack(

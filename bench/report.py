@@ -17,7 +17,7 @@ from bench.common import (
 )
 
 
-def write_results(b: Bench, started: float, out: Path) -> None:
+def write_results(b: Bench, started: float, out: Path, *, charts: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -28,7 +28,9 @@ def write_results(b: Bench, started: float, out: Path) -> None:
         "seconds": round(time.monotonic() - started, 1),
     }
     (out / "latest.json").write_text(
-        json.dumps({"meta": meta, "rows": [r.as_dict() for r in b.rows]}, indent=2)
+        json.dumps(
+            {"meta": meta, "rows": [r.as_dict() for r in b.rows], "failed": b.failed}, indent=2
+        )
     )
     lines = [
         f"Measured {meta['date']} on {meta['machine']}, Python {meta['python']}, "
@@ -46,9 +48,14 @@ def write_results(b: Bench, started: float, out: Path) -> None:
         lines.append(
             f"| {r.name} | {r.candidate} | {r.baseline} | {c} | {base} | {ratio} | {r.target} | {verdict}{note} |"
         )
+    for failure in b.failed:
+        lines.append(
+            f"| {failure['row']} | - | - | - | - | - | - | **failed**: {failure['error']} |"
+        )
     (out / "latest.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    _charts(b.rows, _title(meta), out)
+    if charts:
+        print("\n".join(lines))
+        _charts(b.rows, _title(meta), out)
 
 
 def _cell(values: list[float], unit: str) -> str:

@@ -60,10 +60,27 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     b = Bench(quick=args.quick, rounds=rounds)
     print(f"starting the stack in {b.tmp}", flush=True)
+    names = list(args.only or ROWS)
+    if os.environ.get("BENCH_INJECT_FAILURE"):  # (the smoke test: a row that breaks)
+        names.insert(len(names) // 2, "injected-failure")
     with b.stack:
-        for name in args.only or list(ROWS):
+        for name in names:
             print(f"[{name}]", flush=True)
-            ROWS[name](b)
+            extra = set(b.stack.services)
+            try:
+                ROWS.get(name, _injected)(b)
+            except Exception as exc:  # a row that breaks is reported, and the rest go on
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"  {name}: FAILED: {error}", flush=True)
+                b.failed.append({"row": name, "error": error})
+                for left in set(b.stack.services) - extra:  # its servers, still running
+                    b.stop(left)
+            # Written after every row: a run that dies keeps what it measured.
+            write_results(b, started, args.out, charts=False)
         write_results(b, started, args.out)
     subprocess.run(["rm", "-rf", str(b.tmp)], check=False)
-    return 0
+    return 1 if b.failed else 0
+
+
+def _injected(b: Bench) -> None:
+    raise RuntimeError("a row that fails on purpose (BENCH_INJECT_FAILURE)")

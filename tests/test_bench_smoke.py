@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,13 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench(*args: str, timeout: int) -> subprocess.CompletedProcess[str]:
+def _bench(
+    *args: str, timeout: int, inject_failure: bool = False
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({"BENCH_INJECT_FAILURE": "1"} if inject_failure else {})}
     return subprocess.run(
         [sys.executable, "-m", "bench", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -27,9 +32,18 @@ def _bench(*args: str, timeout: int) -> subprocess.CompletedProcess[str]:
     not (shutil.which("wrk") and shutil.which("curl")), reason="wrk and curl are needed"
 )
 def test_bench_quick_run(tmp_path: Path) -> None:
-    result = _bench("--quick", "--out", str(tmp_path), timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # With a row that breaks on purpose in the middle: it is reported with its error, the
+    # others are all measured and kept, and the run says it failed (exit status 1).
+    result = _bench("--quick", "--out", str(tmp_path), timeout=300, inject_failure=True)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
+    assert data["failed"] == [
+        {
+            "row": "injected-failure",
+            "error": "RuntimeError: a row that fails on purpose (BENCH_INJECT_FAILURE)",
+        }
+    ]
+    assert "**failed**: RuntimeError" in (tmp_path / "latest.md").read_text()
     names = [row["name"] for row in data["rows"]]
     for prefix in (
         "upload",

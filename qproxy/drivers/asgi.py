@@ -227,12 +227,7 @@ class UploadMiddleware:
         if settle.outcome == "commit":
             return False
         if status < 400:
-            log.warning(
-                "tus: upload %s not kept: the app answered %d without reading qproxy.uploads",
-                upload.upload_id,
-                status,
-            )
-            await _send(tus_core.not_taken_answer(status), send)
+            await _send(self.tus.not_taken(upload, status), send)
         else:
             await _send_raw(status, app_headers, answer, send)
         return True

@@ -232,12 +232,7 @@ class UploadMiddleware:
         if settle.outcome == "commit":
             return None
         if status < 400:
-            log.warning(
-                "tus: upload %s not kept: the app answered %d without reading qproxy.uploads",
-                upload.upload_id,
-                status,
-            )
-            return _send(tus_core.not_taken_answer(status), start_response)
+            return _send(self.tus.not_taken(upload, status), start_response)
         start_response(_status_line(status), app_headers)
         return [body]
 

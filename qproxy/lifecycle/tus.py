@@ -11,6 +11,7 @@ in Redis; the sweep removes expired uploads.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Iterable
@@ -18,10 +19,13 @@ from collections.abc import Iterable
 from qproxy.compose import Stores
 from qproxy.core import tus
 from qproxy.core.tus import TusCall, TusRefusal, Upload
+from qproxy.core.upload import Answer
 from qproxy.errors import UploadTooLarge as TooLarge
 from qproxy.lifecycle.ingest import Intake
 from qproxy.stores.local import LocalStore
 from qproxy.stores.partial import ChecksumMismatch, OffsetMismatch, Partials
+
+log = logging.getLogger("qproxy")
 
 
 class Tus:
@@ -143,6 +147,15 @@ class Tus:
         for part in upload.parts:  # a final upload's partial ones: their bytes are in it
             self.partials.remove(part)
         return Intake.of_file(self.stores, temp, filename=filename, content_type=content_type)
+
+    def not_taken(self, upload: Upload, status: int) -> Answer:
+        """The app answered ``status`` (< 400) without taking the upload: say so."""
+        log.warning(
+            "tus: upload %s not kept: the app answered %d without reading qproxy.uploads",
+            upload.upload_id,
+            status,
+        )
+        return tus.not_taken_answer(status)
 
     def parts_shown(self, upload: Upload) -> Upload:
         """The upload as HEAD shows it (its parts by their URLs)."""

@@ -298,19 +298,34 @@ def _other_nodes(config: Config) -> list[str]:
     return []
 
 
+def _loopback_on_a_cluster(
+    name: str, variable: str, url: str, others: list[str], why: str
+) -> Check | None:
+    if others and _is_loopback_url(url):
+        return Check(
+            name,
+            "fail",
+            f"{variable} is {url}, a loopback URL, but other nodes are registered "
+            f"({', '.join(others[:5])}): {why}",
+        )
+    return None
+
+
 def check_node_url(config: Config) -> Check:
     """The other nodes and the workers fetch this node's files at QPROXY_NODE_URL: it must
     be reachable, and not loopback on a cluster."""
     url = config.node_url
     others = _other_nodes(config)
-    if others and _is_loopback_url(url):
-        return Check(
-            "node url",
-            "fail",
-            f"QPROXY_NODE_URL is {url}, a loopback URL, but other nodes are registered "
-            f"({', '.join(others[:5])}): they and the workers cannot fetch this node's files "
-            "there. Set it to this node's own address, e.g. http://10.0.0.21:8300",
-        )
+    loop = _loopback_on_a_cluster(
+        "node url",
+        "QPROXY_NODE_URL",
+        url,
+        others,
+        "they and the workers cannot fetch this node's files there. Set it to this node's "
+        "own address, e.g. http://10.0.0.21:8300",
+    )
+    if loop is not None:
+        return loop
     try:
         answer = httpx.get(url.rstrip("/") + "/internal/blob/qproxy-doctor", timeout=2.0)
     except httpx.HTTPError as exc:
@@ -338,14 +353,16 @@ def check_tus_url(config: Config) -> Iterator[Check]:
         return
     url = config.tus_url
     others = _other_nodes(config)
-    if others and _is_loopback_url(url):
-        yield Check(
-            "tus url",
-            "fail",
-            f"QPROXY_NODE_TUS_URL is {url}, a loopback URL, but other nodes are registered "
-            f"({', '.join(others[:5])}): tus requests they get for this node's uploads "
-            "cannot reach it. Set it to where they reach this node's nginx",
-        )
+    loop = _loopback_on_a_cluster(
+        "tus url",
+        "QPROXY_NODE_TUS_URL",
+        url,
+        others,
+        "tus requests they get for this node's uploads cannot reach it. Set it to where "
+        "they reach this node's nginx",
+    )
+    if loop is not None:
+        yield loop
         return
     try:
         answer = httpx.options(url + config.tus_path, timeout=2.0)

@@ -44,7 +44,8 @@ def s3_errors(what: str) -> Iterator[None]:
     try:
         yield
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code") if hasattr(exc, "response") else None
+        # (botocore's own errors, a timeout among them, have no response, or a None one)
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
         if code not in _NOT_FOUND:  # (a missing object is an answer, not an error)
             metrics.s3_error(what.split()[0])
         raise RemoteError(f"S3 {what} failed: {exc}") from exc

@@ -2,17 +2,13 @@
 // find a failed file, see its error, click its Retry button, wait until it is remote.
 //   node admin_page.js URL TOKEN KEY SHOTS_DIR
 // Prints one JSON line: the error the page showed, the state it ended on, page errors.
-const { chromium } = require(process.env.PLAYWRIGHT_CORE || "playwright-core");
+const { launch } = require("./browser");
 const path = require("path");
 
 const [url, token, key, shots] = process.argv.slice(2, 6);
 
 (async () => {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  const browser = await launch();
   const out = { errors: [] };
   try {
     // The token as the password of HTTP Basic, as an operator's browser asks for it.

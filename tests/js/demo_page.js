@@ -4,23 +4,12 @@
 // The third PATCH is held back (never answered) until the page is paused, so the pause
 // lands at a known point: two 1 MiB pieces stored. Prints one JSON line: the offsets of
 // every PATCH the page sent, what the page said when paused, and its final status.
-const { chromium } = require(process.env.PLAYWRIGHT_CORE || "playwright-core");
+const { launch } = require("./browser");
 
 const [url, file] = process.argv.slice(2, 4);
 
 (async () => {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
-  });
+  const browser = await launch();
   const out = { patches: [], heads: 0, errors: [] };
   try {
     const page = await browser.newPage();
