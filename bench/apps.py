@@ -50,6 +50,11 @@ def wsgi_werkzeug(environ: dict[str, Any], start_response: Any) -> Iterable[byte
     return [b"{}"]
 
 
+def wsgi_werkzeug_app() -> Any:
+    """:func:`wsgi_werkzeug` for servers that want a factory."""
+    return wsgi_werkzeug
+
+
 def wsgi_s3_inline(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     """The old way: the request uploads the file to S3 before it answers."""
     import boto3

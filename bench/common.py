@@ -136,6 +136,18 @@ class Bench:
         ]
         return self.serve(name, argv, "/", env)
 
+    def gunicorn_sync(self, name: str, app: str, env: dict[str, str] | None = None) -> str:
+        """gunicorn's default worker: sync, one request at a time."""
+        argv = [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "sync", "-b",
+                "127.0.0.1:{port}", "--timeout", "300", app]  # fmt: skip
+        return self.serve(name, argv, "/", env)
+
+    def waitress(self, name: str, app: str, env: dict[str, str] | None = None) -> str:
+        """waitress (it reads the whole body before it calls the app); ``app`` a factory."""
+        argv = [sys.executable, "-m", "waitress", "--listen=127.0.0.1:{port}", "--threads=4",
+                "--max-request-body-size=4294967296", "--call", app]  # fmt: skip
+        return self.serve(name, argv, "/", env)
+
     def uvicorn(self, name: str, app: str, env: dict[str, str] | None = None) -> str:
         argv = [
             sys.executable,

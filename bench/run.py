@@ -8,11 +8,17 @@ bench/results/latest.json and latest.md, charts to bench/results/*.png.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import RESULTS, Bench
 from bench.report import redraw, write_results
@@ -50,10 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="where results go (default: bench/results)"
     )
+    parser.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also run the rows on git revision REV (a worktree of it), row by row in turn "
+        "with this tree's, and print them side by side (compare.md in --out)",
+    )
     args = parser.parse_args(argv)
     if args.redraw:
         redraw(args.out)
         return 0
+    if args.compare:
+        return compare(args.compare, args.only or list(ROWS), args.out, quick=args.quick)
     rounds = 1 if args.quick else args.rounds
     started = time.monotonic()
     for name, value in AWS_TEST_ENV.items():  # moto's throwaway credentials
@@ -84,3 +98,63 @@ def main(argv: list[str] | None = None) -> int:
 
 def _injected(b: Bench) -> None:
     raise RuntimeError("a row that fails on purpose (BENCH_INJECT_FAILURE)")
+
+
+def compare(rev: str, names: list[str], out: Path, *, quick: bool) -> int:
+    """Each row on this tree and on ``rev``, one after the other, a row at a time (so both
+    see the machine in the same state), side by side."""
+    root = Path(__file__).resolve().parent.parent
+    work = Path(tempfile.mkdtemp(prefix="qproxy-bench-compare-"))
+    other = work / "tree"
+    subprocess.run(
+        ["git", "-C", str(root), "worktree", "add", "--detach", str(other), rev],
+        check=True,
+        capture_output=True,
+    )
+    results: dict[str, dict[str, dict[str, Any]]] = {"this": {}, rev: {}}
+    try:
+        for name in names:
+            for label, tree in (("this", root), (rev, other)):
+                where = work / label.replace("/", "_") / name
+                argv = [sys.executable, "-m", "bench", "--only", name, "--out", str(where)]
+                print(f"[{name}] on {label}", flush=True)
+                subprocess.run([*argv, *(["--quick"] if quick else [])], cwd=tree, check=False)
+                found = where / "latest.json"
+                if found.exists():
+                    for row in json.loads(found.read_text())["rows"]:
+                        results[label][row["name"]] = row
+    finally:
+        subprocess.run(
+            ["git", "-C", str(root), "worktree", "remove", "--force", str(other)],
+            check=False,
+            capture_output=True,
+        )
+    lines = [
+        f"Each row on this tree and on {rev}, in turn, in one run.",
+        "",
+        f"| what | ratio here | ratio on {rev} | candidate here | candidate on {rev} | change |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row_name, here in results["this"].items():
+        there = results[rev].get(row_name, {})
+
+        def ratio(row: dict[str, Any]) -> str:
+            return "-" if row.get("ratio") is None else f"{row['ratio']:.2f}x"
+
+        def median(row: dict[str, Any]) -> float | None:
+            values = row.get("cand") or []
+            return statistics.median(values) if values else None
+
+        a, b = median(here), median(there)
+        change = "-" if not a or not b else f"{(a / b - 1) * 100:+.0f}%"
+        unit = here.get("unit", "")
+        shown = [f"{v:.1f} {unit}" if v is not None else "-" for v in (a, b)]
+        lines.append(
+            f"| {row_name} | {ratio(here)} | {ratio(there)} | {shown[0]} | {shown[1]} | {change} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    (out / "compare.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if results["this"] and results[rev] else 1

@@ -73,6 +73,34 @@ def upload_rows(b: Bench) -> None:
         )
         b.stop("wsgi-qproxy")
         b.stop("wsgi-werkzeug")
+        # The servers many users run: gunicorn's default sync worker, and waitress (which
+        # takes the whole body before it calls the app), each against the same app parsing
+        # the upload with werkzeug on the same server.
+        for server, label in (("gunicorn_sync", "gunicorn sync"), ("waitress", "waitress")):
+            start = getattr(b, server)
+            ours = start(
+                f"{server}-qproxy",
+                "bench.apps:wsgi_qproxy" + ("()" if server == "gunicorn_sync" else ""),
+            )
+            theirs = start(
+                f"{server}-werkzeug",
+                "bench.apps:wsgi_werkzeug" + ("" if server == "gunicorn_sync" else "_app"),
+            )
+            b.alternate(
+                Row(
+                    f"upload {size // MiB} MiB, WSGI ({label})",
+                    "MiB/s",
+                    "qproxy middleware",
+                    "werkzeug parse_form_data, same server",
+                    target=">= 2x werkzeug",
+                    target_ratio=2.0,
+                ),
+                lambda url=ours: b.stored_upload(url + "/upload", path),
+                lambda url=theirs: b.curl_upload(url + "/upload", path),
+                rounds=rounds,
+            )
+            b.stop(f"{server}-qproxy")
+            b.stop(f"{server}-werkzeug")
         # The same under granian, the documented WSGI server (README, "which server").
         gq = b.granian("wsgi-qproxy-granian", "bench.apps:wsgi_qproxy", "wsgi")
 

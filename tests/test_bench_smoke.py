@@ -72,3 +72,20 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     redrawn = _bench("--redraw", "--out", str(tmp_path), timeout=60)
     assert redrawn.returncode == 0, redrawn.stderr[-3000:]
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compares_rows_with_another_revision(tmp_path: Path) -> None:
+    # The same row on this tree and on HEAD (a worktree), in turn, side by side.
+    result = _bench(
+        "--compare", "HEAD", "--quick", "--only", "state", "--out", str(tmp_path), timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (tmp_path / "compare.md").read_text()
+    assert "ratio on HEAD" in table
+    rows = [line for line in table.splitlines() if line.startswith("| state")]
+    for line in rows:  # a figure from each tree
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[3] != "-" and cells[4] != "-", table
+    assert rows, table
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data["this"] and data["HEAD"]
