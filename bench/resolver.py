@@ -23,7 +23,7 @@ from qproxy.ops.nginx import NginxOptions, full_config
 
 
 def resolve_rows(b: Bench) -> None:
-    seconds = 2 if b.quick else 8
+    seconds = 1 if b.quick else 8
     stack = b.stack
     node_root = Path(stack.env["QPROXY_LOCAL_ROOT"])
     data = os.urandom(64 * 1024)

@@ -413,7 +413,9 @@ def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
     except QProxyError as exc:
         checks = [Check("config", "fail", str(exc))]
     else:
-        checks = [Check("config", "ok", f"node {config.node_id}"), *run_checks(config)]
+        only = {name.replace("-", " ") for name in args.check or ()}
+        found = run_checks(config, only=only or None)
+        checks = [Check("config", "ok", f"node {config.node_id}"), *found]
     if args.json:
         print(json.dumps([c.as_dict() for c in checks], indent=2))
     else:
@@ -641,15 +643,29 @@ def _parse_reconcile(add: AddCommand) -> None:
     p.set_defaults(func=cmd_reconcile)
 
 
+# (the doctor's checks, as --check names them: no import of qproxy.ops.doctor at start-up)
+CHECK_NAMES = [
+    "secret", "local-root", "redis", "broker", "s3", "workers", "node-url", "tus-url", "nginx",
+]  # fmt: skip
+
+
 def _parse_doctor(add: AddCommand) -> None:
     p = add(
         "doctor",
         "check this node's setup (config, disk, Redis, S3, workers, nginx)",
         "Check what this node needs, the way it will be used: writes and removes a probe file "
         "in the local root and a probe object in S3, asks Redis for its durability settings "
-        "and Celery for its workers. Exit status 1 if anything failed.",
+        "and Celery for its workers. Exit status 1 if anything failed, 2 if the settings "
+        "themselves are wrong.",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--check",
+        action="append",
+        metavar="NAME",
+        choices=CHECK_NAMES,
+        help=f"run only this check (repeatable): {', '.join(CHECK_NAMES)}",
+    )
     p.set_defaults(func=cmd_doctor)
 
 

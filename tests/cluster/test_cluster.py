@@ -135,25 +135,26 @@ def test_a_file_on_another_node_is_served_as_a_local_one(site: Cluster, serving:
 def test_doctor_catches_a_node_url_peers_cannot_reach(site: Cluster) -> None:
     web1 = site.nodes["web1"]
 
-    def doctor(**env: str) -> dict[str, dict[str, str]]:
-        done = site.qproxy(web1, "doctor", "--json", **env)
+    def doctor(*checks: str, **env: str) -> dict[str, dict[str, str]]:
+        wanted = [f"--check={c}" for c in checks or ("node-url", "tus-url")]
+        done = site.qproxy(web1, "doctor", "--json", *wanted, **env)
         return {c["name"]: c for c in json.loads(done.stdout)}
 
     good = doctor()["node url"]
     assert good["level"] == "ok" and "reachable" in good["detail"], good
     # The single-host default on a cluster: the other nodes cannot fetch from it.
-    loop = doctor(QPROXY_NODE_URL="http://127.0.0.1:8300")["node url"]
+    loop = doctor("node-url", QPROXY_NODE_URL="http://127.0.0.1:8300")["node url"]
     assert loop["level"] == "fail" and "loopback" in loop["detail"] and "web2" in loop["detail"]
     # A URL nothing answers at.
-    dead = doctor(QPROXY_NODE_URL="http://web1:8399")["node url"]
+    dead = doctor("node-url", QPROXY_NODE_URL="http://web1:8399")["node url"]
     assert dead["level"] == "fail" and "cannot reach" in dead["detail"], dead
     # Where the other nodes send on tus requests for this node's uploads.
     assert doctor()["tus url"]["level"] == "ok"
-    tus_dead = doctor(QPROXY_NODE_TUS_URL="http://web1:8399")["tus url"]
+    tus_dead = doctor("tus-url", QPROXY_NODE_TUS_URL="http://web1:8399")["tus url"]
     assert tus_dead["level"] == "fail" and "QPROXY_NODE_TUS_URL" in tus_dead["detail"]
-    tus_loop = doctor(QPROXY_NODE_TUS_URL="http://127.0.0.1:8080")["tus url"]
+    tus_loop = doctor("tus-url", QPROXY_NODE_TUS_URL="http://127.0.0.1:8080")["tus url"]
     assert tus_loop["level"] == "fail" and "loopback" in tus_loop["detail"]
-    not_tus = doctor(QPROXY_NODE_TUS_URL="http://web1:8300")["tus url"]  # the resolver
+    not_tus = doctor("tus-url", QPROXY_NODE_TUS_URL="http://web1:8300")["tus url"]  # resolver
     assert not_tus["level"] == "fail" and "Tus-Version" in not_tus["detail"], not_tus
 
 

@@ -143,8 +143,9 @@ def test_doctor_on_a_healthy_stack_and_a_broken_one(stack: Stack) -> None:
     assert nginx["level"] == "ok" and "nginx -t accepts" in nginx["detail"], nginx
 
     broken = qproxy(
-        "doctor", env={**env, "QPROXY_S3_BUCKET": "no-such-bucket", "QPROXY_SECRET": ""}
-    )
+        "doctor", "--check=s3", "--check=secret",
+        env={**env, "QPROXY_S3_BUCKET": "no-such-bucket", "QPROXY_SECRET": ""},
+    )  # fmt: skip
     assert broken.returncode == 1
     assert "FAIL  s3" in broken.stdout and "no-such-bucket" in broken.stdout
     assert "FAIL  secret" in broken.stdout
@@ -152,16 +153,27 @@ def test_doctor_on_a_healthy_stack_and_a_broken_one(stack: Stack) -> None:
     client = redis.Redis.from_url(env["QPROXY_REDIS_URL"])
     client.config_set("maxmemory-policy", "allkeys-lru")
     try:
-        evicting = qproxy("doctor", env=env)
+        evicting = qproxy("doctor", "--check=redis", env=env)
     finally:
         client.config_set("maxmemory-policy", "noeviction")
         client.close()
     assert evicting.returncode == 1 and "allkeys-lru" in evicting.stdout
 
-    down = qproxy("doctor", env={**env, "QPROXY_REDIS_URL": "redis://127.0.0.1:1/0"})
+    down = qproxy(
+        "doctor", "--check=redis", env={**env, "QPROXY_REDIS_URL": "redis://127.0.0.1:1/0"}
+    )
     assert down.returncode == 1 and "FAIL  redis" in down.stdout
     bad = qproxy("doctor", env={**env, "QPROXY_PUBLIC_PATH": "media"})
     assert bad.returncode == 2 and "FAIL  config" in bad.stdout
+
+
+def test_doctor_check_names_are_the_doctors(stack: Stack) -> None:
+    from qproxy.ops.cli import CHECK_NAMES
+    from qproxy.ops.doctor import CHECKS
+
+    assert [n.replace("-", " ") for n in CHECK_NAMES] == [name for name, _ in CHECKS]
+    only = qproxy("doctor", "--json", "--check=secret", "--check=local-root", env=stack.env)
+    assert [c["name"] for c in json.loads(only.stdout)] == ["config", "secret", "local root"]
 
 
 def doctor_says(env: dict[str, str]) -> dict[str, dict[str, str]]:
