@@ -89,6 +89,10 @@ def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int])
                 "lease": token,
                 "lease_until": now + stores.config.lease_seconds,
                 "attempts": record.attempts + 1,
+                # Sent on its way: no longer held back (delayed=True) from the sweep, which
+                # must find it if this run dies (enqueue() clears it too, but its job can
+                # reach a worker before that write).
+                "hold": "",
             },
         )
     except LeaseLost:

@@ -163,6 +163,23 @@ def test_sweep_leaves_delayed_files_alone(stack: Stack) -> None:
     assert record is not None and not record.hold
 
 
+def test_a_delayed_file_whose_job_outran_enqueue_is_not_held_any_more(stack: Stack) -> None:
+    """enqueue() sends the job, then clears the hold: a worker can take the job between the
+    two. The worker's run clears it too, or a run that dies leaves a file the sweep skips
+    for ever."""
+    node = Stores(stack.config, queue=NoQueue())
+    node.local.ensure()
+    temp = node.local.create_temp()
+    temp.write(b"later, on request")
+    temp.close()
+    key = "delayed/" + os.urandom(4).hex() + ".txt"
+    commit(node, temp, key, {"filename": "d.txt"}, enqueue=False)
+    assert node.state.get(key).hold  # type: ignore[union-attr]
+    assert transfer(node, key) == "remote"  # the job, before enqueue()'s own write
+    record = node.state.get(key)
+    assert record is not None and record.state == "remote" and not record.hold
+
+
 def test_the_sweep_tries_failed_files_again_now_and_then(stack: Stack) -> None:
     broken = Stores(stack.config.replace(s3_bucket="no-such-bucket"), queue=NoQueue())
     key = put_local(broken, b"failed, then fixed")
