@@ -25,7 +25,7 @@ from bench.report import redraw, write_results
 from bench.resolver import resolve_rows
 from bench.servers import servers_row
 from bench.state import state_row
-from bench.transfer import peer_pull_row, transfer_many_row, transfer_row
+from bench.transfer import peer_pull_row, transfer_many_row, transfer_row, worker_cpu_row
 from bench.uploads import latency_row, memory_row, tus_row, upload_rows
 from qproxy.dev.devstack import AWS_TEST_ENV
 
@@ -39,6 +39,7 @@ ROWS: dict[str, Callable[[Bench], None]] = {
     "transfer": transfer_row,
     "transfer-many": transfer_many_row,
     "peer-pull": peer_pull_row,
+    "worker-cpu": worker_cpu_row,
     "state": state_row,
 }
 

@@ -6,6 +6,9 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from bench.common import (
     Bench,
@@ -131,51 +134,126 @@ def transfer_many_row(b: Bench) -> None:
     )
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its children so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if proc.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+@dataclass
+class PoolRun:
+    seconds: float  # from the first job taken to the last file remote
+    cpu: float  # the worker's CPU seconds (every process of it) over that time
+
+
+def pool_run(
+    b: Bench,
+    payload: bytes,
+    count: int,
+    *,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    warm: int = 0,
+) -> PoolRun:
+    """``count`` files of ``payload`` queued while a ``qproxy worker ARGS`` of its own is
+    stopped, then taken by it to remote: its wall time and CPU. The stack's own worker
+    makes way meanwhile. ``warm`` files go first, unmeasured (a process's first transfer
+    imports and connects)."""
+    node = Stores(b.stack.config)
+    name = f"bench-worker-{os.urandom(3).hex()}"
+    argv = [
+        sys.executable, "-m", "qproxy", "worker", *args,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--hostname", f"{name}@%h",
+    ]  # fmt: skip
+    keys: list[str] = []
+    # Stopped, not paused: Redis hands a job to a paused worker's pending BRPOP.
+    b.stack.services.pop("worker").stop()
+    worker = b.stack.spawn(name, argv, env=env)
+    try:
+        b.stack.wait_for(name, lambda: b"ready." in worker.log_path.read_bytes(), 60)
+        if warm:
+            keys = commit_copies(node, payload, warm, "bench/pool-")
+            b.stack.wait_for(name, lambda: set(node.state.states(keys)) == {"remote"}, 60)
+        worker.signal(signal.SIGSTOP)  # queue them all first: measure the pool
+        keys += commit_copies(node, payload, count, "bench/pool-")
+        cpu = tree_cpu_seconds(worker.process.pid)
+        started = time.monotonic()
+        worker.signal(signal.SIGCONT)
+        pending = keys[warm:]
+        while pending:
+            states = node.state.states(pending)
+            pending = [k for k, st in zip(pending, states, strict=True) if st != "remote"]
+            time.sleep(0.02)
+        run = PoolRun(time.monotonic() - started, tree_cpu_seconds(worker.process.pid) - cpu)
+    finally:
+        b.stack.services.pop(name).stop()
+        b.stack.start_worker()
+    s3 = boto3_client(b)
+    for key in keys:
+        s3.delete_object(Bucket="qproxy-dev", Key=key)
+        node.local.remove(key)
+    return run
+
+
+def boto3_client(b: Bench) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
+
+
+def worker_cpu_row(b: Bench) -> None:
+    """The worker's CPU seconds per 1 MiB file end to end (queue -> verified -> remote):
+    qproxy worker's pool (threads) against Celery's prefork pool, the default before."""
+    count = 20 if b.quick else 300
+    payload = os.urandom(MiB)
+    width = str(b.stack.worker_concurrency)
+
+    def ms_per_file(pool: str) -> float:
+        return (
+            pool_run(b, payload, count, args=["--concurrency", width, "--pool", pool], warm=10).cpu
+            * 1000
+            / count
+        )
+
+    b.alternate(
+        Row(
+            f"worker CPU per 1 MiB file ({count} files, end to end)",
+            "ms CPU/file",
+            f"qproxy worker (Celery threads, {width})",
+            f"Celery prefork ({width} processes)",
+            higher_is_better=False,
+            target="<= 0.5x prefork (halve it)",
+            target_ratio=0.5,
+        ),
+        lambda: ms_per_file("threads"),
+        lambda: ms_per_file("prefork"),
+    )
+
+
 def peer_pull_row(b: Bench) -> None:
     """Workers on another host: 1, 2 and 4 processes pulling each file from its web node's
     resolver over signed HTTP, against the same workers reading it from their own disk."""
-    import boto3
-
     count, size = (4, MiB) if b.quick else (24, 16 * MiB)
-    node = Stores(b.stack.config)
-    s3 = boto3.client("s3", endpoint_url=b.stack.url("s3"), region_name="us-east-1")
     payload = os.urandom(size)
     elsewhere = b.tmp / "elsewhere"  # a worker host's (empty) disk
     elsewhere.mkdir(exist_ok=True)
 
-    def run(width: int, root: str) -> float:
-        # The stack's own worker stops; one with ``width`` processes and ``root`` as its
-        # disk takes the queue (another node's id: it pulls what is not on its disk).
-        name = f"bench-worker-{width}-{os.urandom(2).hex()}"
-        argv = [
-            sys.executable, "-m", "qproxy", "worker", "--concurrency", str(width),
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "--hostname", f"{name}@%h",
-        ]  # fmt: skip
+    def rate(width: int, root: str) -> float:
+        # Another node's id: it pulls what is not on its disk.
         env = {"QPROXY_LOCAL_ROOT": root, "QPROXY_NODE_ID": "worker-host"}
-        keys = []
-        # Stopped, not paused: Redis hands a job to a paused worker's pending BRPOP.
-        b.stack.services.pop("worker").stop()
-        worker = b.stack.spawn(name, argv, env=env)
-        try:
-            b.stack.wait_for(name, lambda: b"ready." in worker.log_path.read_bytes(), 60)
-            worker.signal(signal.SIGSTOP)  # queue them all first: measure the pulls
-            keys = commit_copies(node, payload, count, "bench/pull-")
-            started = time.monotonic()
-            worker.signal(signal.SIGCONT)
-            pending = list(keys)
-            while pending:
-                states = node.state.states(pending)
-                pending = [k for k, st in zip(pending, states, strict=True) if st != "remote"]
-                time.sleep(0.02)
-            rate = count * size / MiB / (time.monotonic() - started)
-        finally:
-            b.stack.services.pop(name).stop()
-            b.stack.start_worker()
-        for key in keys:
-            s3.delete_object(Bucket="qproxy-dev", Key=key)
-            node.local.remove(key)
-        return rate
+        args = ["--concurrency", str(width), "--pool", "prefork"]
+        return count * size / MiB / pool_run(b, payload, count, args=args, env=env).seconds
 
     # (a smoke run starts 2 workers a width: the ends are enough to keep the row alive)
     for width in (1, 4) if b.quick else (1, 2, 4):
@@ -187,7 +265,7 @@ def peer_pull_row(b: Bench) -> None:
                 "the same read from the worker's own disk",
                 target="information (no target)",
             ),
-            lambda w=width: run(w, str(elsewhere)),  # type: ignore[misc]
-            lambda w=width: run(w, str(b.stack.config.local_path)),  # type: ignore[misc]
+            lambda w=width: rate(w, str(elsewhere)),  # type: ignore[misc]
+            lambda w=width: rate(w, str(b.stack.config.local_path)),  # type: ignore[misc]
             rounds=1 if b.quick else 2,
         )

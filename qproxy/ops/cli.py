@@ -505,7 +505,9 @@ def _parse_worker(add: AddCommand) -> None:
         "worker",
         "run a Celery worker that moves files to S3",
         "Run a Celery worker on qproxy's queue. Arguments qproxy does not know are passed to "
-        "Celery's worker, e.g. `qproxy worker --concurrency 8`.",
+        "Celery's worker, e.g. `qproxy worker --concurrency 8`. The pool is Celery's threads "
+        "(transfers wait on disks and networks; a thread costs less CPU per file than a "
+        "process) unless you name another: `qproxy worker --pool prefork`.",
     )
     p.add_argument(
         "--metrics-port",

@@ -68,7 +68,13 @@ class Link:
             if self.dead:
                 replica.close()
                 continue
-            master = socket.create_connection(("127.0.0.1", self.master_port))
+            try:
+                master = socket.create_connection(("127.0.0.1", self.master_port))
+            except OSError:
+                # The master is not listening yet (it starts beside the replica): refused,
+                # as the master itself would; the replica tries again a second later.
+                replica.close()
+                continue
             self.sockets += [replica, master]
             threading.Thread(target=self._pump, args=(master, replica, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(replica, master, False), daemon=True).start()

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from kombu.transport import redis as kombu_redis
 
-from qproxy.worker.app import harden_kombu
+from qproxy.dev.devstack import Stack
+from qproxy.worker.app import default_pool, harden_kombu
 
 
 class _GoneConnection:
@@ -54,3 +55,12 @@ def test_web_nodes_and_doctor_leave_kombu_alone() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_the_worker_runs_celerys_thread_pool_unless_told_otherwise(stack: Stack) -> None:
+    # The stack's `qproxy worker --concurrency 2` (every transfer of the suite ran on it).
+    banner = stack.services["worker"].log_path.read_text(errors="replace")
+    assert "concurrency: 2 (thread)" in banner, banner[:2000]
+    assert default_pool(["--concurrency", "8"]) == ["--pool", "threads"]
+    for named in (["--pool", "prefork"], ["--pool=solo"], ["-P", "gevent"], ["-Pprefork"]):
+        assert default_pool(named) == [], named
