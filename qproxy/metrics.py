@@ -122,8 +122,11 @@ class _Metrics:
             self.upload_bytes.labels(outcome)
         for outcome in ("remote", "retry", "failed", "conflict"):
             self.transfers.labels(outcome)
-        for kind in ("local", "peer", "redirect", "missing", "forbidden"):
-            self.decisions.labels(kind)
+        # (The resolver counts every request: its children are looked up once.)
+        self.decision_kinds = {
+            kind: self.decisions.labels(kind)
+            for kind in ("local", "peer", "redirect", "missing", "forbidden")
+        }
         for op in ("put", "get", "head", "delete", "listing"):
             self.s3_errors.labels(op)
 
@@ -160,7 +163,8 @@ def transferred(outcome: str, *, size: int, seconds: float) -> None:
 
 def decided(kind: str, seconds: float) -> None:
     m = _metrics()
-    m.decisions.labels(kind).inc()
+    counter = m.decision_kinds.get(kind)
+    (m.decisions.labels(kind) if counter is None else counter).inc()
     m.decision_seconds.observe(seconds)
 
 

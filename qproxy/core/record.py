@@ -55,7 +55,7 @@ FIELDS = {
     "private": "P",
     "keep": "k",
 }
-_LONG = {short.encode(): name.encode() for name, short in FIELDS.items()}
+_SHORT = {name.encode(): short.encode() for name, short in FIELDS.items()}
 
 
 def timestamp(t: float) -> str:
@@ -67,7 +67,7 @@ def timestamp(t: float) -> str:
     return f"{ms // 1000}.{ms % 1000:03d}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileRecord:
     """What Redis knows about one file."""
 
@@ -100,35 +100,38 @@ class FileRecord:
 
     @classmethod
     def from_hash(cls, key: str, raw: Mapping[bytes, bytes]) -> FileRecord:
-        h = {_LONG.get(k, k): v for k, v in raw.items()}
+        # Stored under the short names (a hash written with the long ones reads the same).
+        h = raw if b"state" not in raw else {_SHORT.get(k, k): v for k, v in raw.items()}
         get = h.get
-        sha = get(b"sha256", b"")
+        sha = get(b"h", b"")
+        stale = get(b"x")
+        meta = get(b"M")
+        keep = get(b"k")
         return cls(
             key=key,
-            state=cast(State, get(b"state", b"pending").decode()),
-            gen=int(get(b"gen", 0)),
-            node=get(b"node", b"").decode(),
-            node_url=get(b"node_url", b"").decode(),
-            size=int(get(b"size", 0) or 0),
+            state=cast(State, get(b"s", b"pending").decode()),
+            gen=int(get(b"g", 0)),
+            node=get(b"n", b"").decode(),
+            node_url=get(b"u", b"").decode(),
+            size=int(get(b"z", 0) or 0),
             sha256=base64.urlsafe_b64decode(sha + b"=").hex() if len(sha) == 43 else sha.decode(),
-            filename=get(b"filename", b"").decode("utf-8", "replace"),
-            content_type=get(b"content_type", b"").decode("utf-8", "replace")
-            or "application/octet-stream",
-            created=float(get(b"created", 0) or 0),
-            updated=float(get(b"updated", 0) or 0),
-            attempts=int(get(b"attempts", 0) or 0),
-            error=get(b"error", b"").decode("utf-8", "replace"),
-            lease=get(b"lease", b"").decode(),
-            lease_until=float(get(b"lease_until", 0) or 0),
-            remote_at=float(get(b"remote_at", 0) or 0),
-            has_local=get(b"has_local", b"1") == b"1",
-            has_remote=get(b"has_remote", b"0") == b"1",
-            version=int(get(b"version", 1) or 1),
-            hold=get(b"hold", b"0") == b"1",
-            stale=tuple(n for n in get(b"stale", b"").decode().split(",") if n),
-            meta=json.loads(h[b"meta"]) if get(b"meta") else {},
-            private=get(b"private", b"0") == b"1",
-            keep=float(h[b"keep"]) if get(b"keep") else None,
+            filename=get(b"f", b"").decode("utf-8", "replace"),
+            content_type=get(b"t", b"").decode("utf-8", "replace") or "application/octet-stream",
+            created=float(get(b"c", 0) or 0),
+            updated=float(get(b"m", 0) or 0),
+            attempts=int(get(b"a", 0) or 0),
+            error=get(b"e", b"").decode("utf-8", "replace"),
+            lease=get(b"l", b"").decode(),
+            lease_until=float(get(b"d", 0) or 0),
+            remote_at=float(get(b"r", 0) or 0),
+            has_local=get(b"L", b"1") == b"1",
+            has_remote=get(b"R", b"0") == b"1",
+            version=int(get(b"v", 1) or 1),
+            hold=get(b"H", b"0") == b"1",
+            stale=tuple(n for n in stale.decode().split(",") if n) if stale else (),
+            meta=json.loads(meta) if meta else {},
+            private=get(b"P", b"0") == b"1",
+            keep=float(keep) if keep else None,
         )
 
     @property

@@ -226,3 +226,49 @@ def test_only_allowlisted_types_are_shown_inline(ctype: str, filename: str, inli
     else:
         assert shown == Shown(SAFE_TYPE, shown.disposition)
         assert shown.disposition.startswith("attachment")
+
+
+def test_a_record_reads_the_same_from_short_and_long_field_names() -> None:
+    from qproxy.core.record import FIELDS, encode_fields
+
+    fields = {
+        "state": "local",
+        "gen": 4,
+        "node": "web1",
+        "node_url": "http://10.0.0.1:8300",
+        "size": 17,
+        "sha256": "ab" * 32,
+        "filename": "é.txt",
+        "content_type": "text/plain",
+        "attempts": 2,
+        "version": 3,
+        "stale": "a~v1,a~v2",
+        "meta": {"by": "me"},
+        "private": True,
+        "keep": 60,
+        "hold": True,
+    }
+    flat = encode_fields(fields)
+    short = {k.encode(): v.encode() for k, v in zip(flat[::2], flat[1::2], strict=True)}
+    assert set(short) <= {v.encode() for v in FIELDS.values()}
+    long_names = {
+        name: short[code.encode()] for name, code in FIELDS.items() if code.encode() in short
+    }
+    a = FileRecord.from_hash("a", short)
+    b = FileRecord.from_hash("a", {k.encode(): v for k, v in long_names.items()})
+    assert a == b
+    assert (a.state, a.gen, a.node_url, a.sha256, a.filename) == (
+        "local",
+        4,
+        "http://10.0.0.1:8300",
+        "ab" * 32,
+        "é.txt",
+    )
+    assert (a.stale, a.meta, a.private, a.keep, a.hold, a.version) == (
+        ("a~v1", "a~v2"),
+        {"by": "me"},
+        True,
+        60.0,
+        True,
+        3,
+    )
