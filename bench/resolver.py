@@ -164,3 +164,53 @@ def resolve_rows(b: Bench) -> None:
         print(f"  {row.name}: {fmt(row)}", flush=True)
     b.stop("resolver-public")
     b.stop("bare-302")
+
+
+def peer_serve_row(b: Bench) -> None:
+    """A file held by another web node, served through this node's nginx (the resolver says
+    "peer": nginx streams it from the other node's resolver, signed), against a file on
+    this node's own disk through the same nginx."""
+    from qproxy.dev.devstack import free_port
+    from qproxy.lifecycle.files import commit, delete
+
+    seconds = 1 if b.quick else 6
+    stack = b.stack
+    port = free_port()
+    peer_url = f"http://127.0.0.1:{port}"
+    root = b.tmp / "node-2"
+    env = {"QPROXY_NODE_ID": "node-2", "QPROXY_LOCAL_ROOT": str(root), "QPROXY_NODE_URL": peer_url}
+    argv = [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", str(port)]
+    stack.spawn("resolver-node-2", argv, env=env)
+    stack.wait_for("resolver-node-2", lambda: httpx.get(peer_url + "/healthz").status_code == 200)
+    here = Stores(stack.config)
+    there = Stores(stack.config.replace(node_id="node-2", local_root=str(root), node_url=peer_url))
+    data = os.urandom(64 * 1024)
+    keys = {}
+    for name, node in (("peer", there), ("local", here)):
+        node.local.ensure()
+        temp = node.local.create_temp()
+        temp.write(data)
+        temp.close()
+        keys[name] = f"bench/{name}-{os.urandom(4).hex()}.bin"
+        # Held (delayed): no worker moves it to S3 while the row runs.
+        commit(node, temp, keys[name], {"filename": "p.bin"}, enqueue=False)
+    for name, key in keys.items():
+        r = httpx.get(f"{stack.front}/media/{key}")
+        assert r.content == data, (name, r.status_code, r.headers)
+        assert r.headers.get("x-qproxy-source") == name, (name, r.headers)
+    b.alternate(
+        Row(
+            "serve 64 KiB held by another web node",
+            "req/s",
+            "peer (nginx -> resolver -> the peer's resolver)",
+            "local (nginx -> resolver -> this disk)",
+            target=">= 0.5x local",
+            target_ratio=0.5,
+        ),
+        lambda: b.wrk(f"{stack.front}/media/{keys['peer']}", seconds)["rps"],
+        lambda: b.wrk(f"{stack.front}/media/{keys['local']}", seconds)["rps"],
+    )
+    b.stop("resolver-node-2")
+    for name, node in (("peer", there), ("local", here)):
+        delete(node, keys[name])
+        node.local.remove(keys[name])

@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.common import RESULTS, Bench
 from bench.report import redraw, write_results
-from bench.resolver import resolve_rows
+from bench.resolver import peer_serve_row, resolve_rows
 from bench.servers import servers_row
 from bench.state import state_row
 from bench.transfer import peer_pull_row, transfer_many_row, transfer_row, worker_cpu_row
@@ -35,6 +35,7 @@ ROWS: dict[str, Callable[[Bench], None]] = {
     "latency": latency_row,
     "tus": tus_row,
     "resolve": resolve_rows,
+    "peer-serve": peer_serve_row,
     "servers": servers_row,
     "transfer": transfer_row,
     "transfer-many": transfer_many_row,
