@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +19,7 @@ from qproxy.asgi import UploadMiddleware as AsgiUploadMiddleware
 from qproxy.wsgi import UploadMiddleware as WsgiUploadMiddleware
 
 SINK = os.environ.get("BENCH_SINK", "/tmp/qproxy-bench-sink")
+MiB = 1024 * 1024
 
 
 def _form_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -82,6 +84,28 @@ def wsgi_fsync_body(environ: dict[str, Any], start_response: Any) -> Iterable[by
             os.close(fd)
     start_response("201 Created", [("Content-Type", "application/json")])
     return [b"{}"]
+
+
+def wsgi_durable_copy(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """The floor for an app that keeps an upload safely: the raw body read, written to a
+    file and fsynced (no parsing, no hash), then thrown away."""
+    stream = environ["wsgi.input"]
+    os.makedirs(SINK, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=SINK)
+    try:
+        while chunk := stream.read(MiB):
+            os.write(fd, chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    start_response("201 Created", [("Content-Type", "application/json")])
+    return [b"{}"]
+
+
+def wsgi_durable_copy_app() -> Any:
+    """:func:`wsgi_durable_copy` for servers that want a factory."""
+    return wsgi_durable_copy
 
 
 def wsgi_s3_inline_app() -> Any:

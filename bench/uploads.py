@@ -86,6 +86,10 @@ def upload_rows(b: Bench) -> None:
                 f"{server}-werkzeug",
                 "bench.apps:wsgi_werkzeug" + ("" if server == "gunicorn_sync" else "_app"),
             )
+            floor = start(
+                f"{server}-durable",
+                "bench.apps:wsgi_durable_copy" + ("" if server == "gunicorn_sync" else "_app"),
+            )
             b.alternate(
                 Row(
                     f"upload {size // MiB} MiB, WSGI ({label})",
@@ -99,8 +103,23 @@ def upload_rows(b: Bench) -> None:
                 lambda url=theirs: b.curl_upload(url + "/upload", path),
                 rounds=rounds,
             )
+            # What any app that keeps the upload safely pays on this server (werkzeug's temp
+            # file is never fsynced): where the rest of the gap is.
+            b.alternate(
+                Row(
+                    f"upload {size // MiB} MiB, WSGI ({label}) vs a durable copy",
+                    "MiB/s",
+                    "qproxy middleware",
+                    "the raw body written + fsynced, same server",
+                    target="information (no target)",
+                ),
+                lambda url=ours: b.stored_upload(url + "/upload", path),
+                lambda url=floor: b.curl_upload(url + "/upload", path),
+                rounds=rounds,
+            )
             b.stop(f"{server}-qproxy")
             b.stop(f"{server}-werkzeug")
+            b.stop(f"{server}-durable")
         # The same under granian, the documented WSGI server (README, "which server").
         gq = b.granian("wsgi-qproxy-granian", "bench.apps:wsgi_qproxy", "wsgi")
 
