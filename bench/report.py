@@ -32,14 +32,22 @@ def write_results(b: Bench, started: float, out: Path, *, charts: bool = True) -
             {"meta": meta, "rows": [r.as_dict() for r in b.rows], "failed": b.failed}, indent=2
         )
     )
+    lines = _table(meta, b.rows, b.failed)
+    (out / "latest.md").write_text("\n".join(lines) + "\n")
+    if charts:
+        print("\n".join(lines))
+        _charts(b.rows, _title(meta), out)
+
+
+def _table(meta: dict[str, Any], rows: list[Row], failed: list[dict[str, str]]) -> list[str]:
     lines = [
         f"Measured {meta['date']} on {meta['machine']}, Python {meta['python']}, "
-        f"{b.rounds} rounds each, more where a row says so (medians; spread min-max).",
+        f"{meta['rounds']} rounds each, more where a row says so (medians; spread min-max).",
         "",
         "| what | candidate | baseline | candidate | baseline | ratio | target | |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in b.rows:
+    for r in rows:
         c = _cell(r.cand, r.unit)
         base = _cell(r.base, r.unit) if r.base else "-"
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
@@ -48,14 +56,11 @@ def write_results(b: Bench, started: float, out: Path, *, charts: bool = True) -
         lines.append(
             f"| {r.name} | {r.candidate} | {r.baseline} | {c} | {base} | {ratio} | {r.target} | {verdict}{note} |"
         )
-    for failure in b.failed:
+    for failure in failed:
         lines.append(
             f"| {failure['row']} | - | - | - | - | - | - | **failed**: {failure['error']} |"
         )
-    (out / "latest.md").write_text("\n".join(lines) + "\n")
-    if charts:
-        print("\n".join(lines))
-        _charts(b.rows, _title(meta), out)
+    return lines
 
 
 def _cell(values: list[float], unit: str) -> str:
@@ -98,10 +103,13 @@ def _charts(rows: list[Row], title: str, out: Path) -> None:
 
 
 def redraw(out: Path) -> None:
-    """The chart again from ``latest.json`` (no measuring)."""
+    """The table and the chart again from ``latest.json`` (no measuring)."""
     data = json.loads((out / "latest.json").read_text())
     names = {f.name for f in fields(Row)}
     rows = [Row(**{k: v for k, v in row.items() if k in names}) for row in data["rows"]]
+    (out / "latest.md").write_text(
+        "\n".join(_table(data["meta"], rows, data.get("failed", []))) + "\n"
+    )
     _charts(rows, _title(data["meta"]), out)
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--redraw",
         action="store_true",
-        help="draw the chart again from latest.json, measure nothing",
+        help="write the table and draw the chart again from latest.json, measure nothing",
     )
     parser.add_argument("--only", action="append", choices=sorted(ROWS), help="run only these rows")
     parser.add_argument(

@@ -10,6 +10,7 @@ import signal
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import (
@@ -34,6 +35,18 @@ def upload_rows(b: Bench) -> None:
         qp = b.gunicorn("wsgi-qproxy", "bench.apps:wsgi_qproxy()")
         wz = b.gunicorn("wsgi-werkzeug", "bench.apps:wsgi_werkzeug")
         ngx = b.nginx("nginx-body", NGINX_BODY.replace("{tmp}", str(b.tmp / "nginx-body")))
+        # The ceiling of a system that loses nothing: nginx writes the body (offload mode's
+        # config) and a bare app fsyncs the file, nothing else.
+        raw_config = b.stack.config.replace(raw_upload_paths="/raw/*", max_upload_bytes=2 * size)
+
+        def offload_nginx(name: str, app: str) -> str:
+            options = NginxOptions(
+                listen="127.0.0.1:{port}", app=app, resolver=b.stack.url("resolver"), offload=True
+            )
+            return b.nginx(name, full_config(raw_config, options))
+
+        fs = b.gunicorn("wsgi-fsync", "bench.apps:wsgi_fsync_body")
+        durable = offload_nginx("nginx-durable", fs)
 
         def cand() -> float:
             return b.stored_upload(qp + "/upload", path)
@@ -43,6 +56,37 @@ def upload_rows(b: Bench) -> None:
             # (measured 1.7-4.1 GB/s in a row): the median of three runs is its value.
             return statistics.median(
                 b.curl_upload(ngx + "/upload", path, raw=raw) for _ in range(3)
+            )
+
+        def durable_ceiling() -> float:
+            return b.curl_upload(durable + "/raw/big.bin", path, raw=True)
+
+        def against_nginx(label: str, candidate: Callable[[], float]) -> None:
+            """``candidate`` against nginx writing the same bytes durably (the target), and
+            into the page cache only (information: it promises nothing)."""
+            b.alternate(
+                Row(
+                    f"upload {size // MiB} MiB, {label} vs durable nginx",
+                    "MiB/s",
+                    f"qproxy middleware ({label})",
+                    "nginx body to disk + fsync (the same bytes, raw)",
+                    target=">= 0.5x durable nginx",
+                    target_ratio=0.5,
+                ),
+                candidate,
+                durable_ceiling,
+                rounds=rounds,
+            )
+            b.alternate(
+                Row(
+                    f"upload {size // MiB} MiB, {label} vs nginx page cache",
+                    "MiB/s",
+                    f"qproxy middleware ({label})",
+                    "nginx body to the page cache (promises nothing: information)",
+                ),
+                candidate,
+                ceiling,
+                rounds=rounds,
             )
 
         row = b.alternate(
@@ -58,19 +102,7 @@ def upload_rows(b: Bench) -> None:
             lambda: b.curl_upload(wz + "/upload", path),
             rounds=rounds,
         )
-        b.alternate(
-            Row(
-                f"upload {size // MiB} MiB, WSGI (gunicorn) vs nginx ceiling",
-                "MiB/s",
-                "qproxy middleware (WSGI)",
-                "nginx body to disk",
-                target=">= 0.25x nginx",
-                target_ratio=0.25,
-            ),
-            cand,
-            ceiling,
-            rounds=rounds,
-        )
+        against_nginx("WSGI, gunicorn", cand)
         b.stop("wsgi-qproxy")
         b.stop("wsgi-werkzeug")
         # The servers many users run: gunicorn's default sync worker, and waitress (which
@@ -126,19 +158,7 @@ def upload_rows(b: Bench) -> None:
         def gcand() -> float:
             return b.stored_upload(gq + "/upload", path)
 
-        b.alternate(
-            Row(
-                f"upload {size // MiB} MiB, WSGI (granian) vs nginx ceiling",
-                "MiB/s",
-                "qproxy middleware (WSGI)",
-                "nginx body to disk",
-                target=">= 0.25x nginx",
-                target_ratio=0.25,
-            ),
-            gcand,
-            ceiling,
-            rounds=rounds,
-        )
+        against_nginx("WSGI, granian", gcand)
         b.stop("wsgi-qproxy-granian")
         aq = b.uvicorn("asgi-qproxy", "bench.apps:asgi_qproxy")
         st = b.uvicorn("asgi-starlette", "bench.apps:asgi_starlette")
@@ -159,33 +179,13 @@ def upload_rows(b: Bench) -> None:
             lambda: b.curl_upload(st + "/upload", path),
             rounds=rounds,
         )
-        b.alternate(
-            Row(
-                f"upload {size // MiB} MiB, ASGI vs nginx ceiling",
-                "MiB/s",
-                "qproxy middleware (ASGI)",
-                "nginx body to disk",
-                target=">= 0.25x nginx",
-                target_ratio=0.25,
-            ),
-            acand,
-            ceiling,
-            rounds=rounds,
-        )
+        against_nginx("ASGI, uvicorn", acand)
         b.stop("asgi-qproxy")
         b.stop("asgi-starlette")
 
         # Offload mode: nginx writes the raw body, qproxy hashes, fsyncs and renames it.
         raw_env = {"QPROXY_RAW_UPLOAD_PATHS": "/raw/*"}
         oq = b.gunicorn("wsgi-offload", "bench.apps:wsgi_qproxy()", env=raw_env)
-        raw_config = b.stack.config.replace(raw_upload_paths="/raw/*", max_upload_bytes=2 * size)
-
-        def offload_nginx(name: str, app: str) -> str:
-            options = NginxOptions(
-                listen="127.0.0.1:{port}", app=app, resolver=b.stack.url("resolver"), offload=True
-            )
-            return b.nginx(name, full_config(raw_config, options))
-
         offload = offload_nginx("nginx-offload", oq)
 
         def ocand() -> float:
@@ -202,9 +202,7 @@ def upload_rows(b: Bench) -> None:
             lambda: ceiling(raw=True),
             rounds=rounds,
         )
-        # The same, against the durable ceiling: nginx writes, a bare app fsyncs the file.
-        fs = b.gunicorn("wsgi-fsync", "bench.apps:wsgi_fsync_body")
-        durable = offload_nginx("nginx-durable", fs)
+        # The same, against the durable ceiling.
         b.alternate(
             Row(
                 f"ingest {size // MiB} MiB raw body, offload mode vs durable nginx",
@@ -215,7 +213,7 @@ def upload_rows(b: Bench) -> None:
                 target_ratio=0.9,
             ),
             ocand,
-            lambda: b.curl_upload(durable + "/raw/big.bin", path, raw=True),
+            durable_ceiling,
             rounds=rounds,
         )
 

@@ -60,6 +60,8 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         "ingest",
         "server: upload",
         "server: the resolver",
+        "worker CPU per 1 MiB file",
+        "serve 64 KiB held by another web node",
     ):
         assert any(name.startswith(prefix) for name in names), (prefix, names)
     for row in data["rows"]:
@@ -67,11 +69,14 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "latest.md").read_text().startswith("Measured ")
     assert (tmp_path / "ratios.png").stat().st_size > 1000
 
-    # The chart can be drawn again from the results alone.
+    # The table and the chart can be made again from the results alone.
+    table = (tmp_path / "latest.md").read_text()
     (tmp_path / "ratios.png").unlink()
+    (tmp_path / "latest.md").unlink()
     redrawn = _bench("--redraw", "--out", str(tmp_path), timeout=60)
     assert redrawn.returncode == 0, redrawn.stderr[-3000:]
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "latest.md").read_text() == table
 
 
 def test_bench_compares_rows_with_another_revision(tmp_path: Path) -> None:
