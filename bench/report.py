@@ -67,7 +67,8 @@ def _cell(values: list[float], unit: str) -> str:
     if not values:
         return "-"
     med = statistics.median(values)
-    spread = f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
+    digits = 1 if max(values) < 10 else 0  # (ms of CPU per file: 3.2-3.4, not 3-3)
+    spread = f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""
     return f"{med:.1f} {unit}{spread}"
 
 
