@@ -95,7 +95,8 @@ def cmd_resolver(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.worker.app import run_worker
 
-    run_worker(_config(), extra, metrics_port=args.metrics_port)
+    pool = ["--pool", args.pool] if args.pool else []
+    run_worker(_config(), [*pool, *extra], metrics_port=args.metrics_port)
     return 0
 
 
@@ -505,9 +506,13 @@ def _parse_worker(add: AddCommand) -> None:
         "worker",
         "run a Celery worker that moves files to S3",
         "Run a Celery worker on qproxy's queue. Arguments qproxy does not know are passed to "
-        "Celery's worker, e.g. `qproxy worker --concurrency 8`. The pool is Celery's threads "
-        "(transfers wait on disks and networks; a thread costs less CPU per file than a "
-        "process) unless you name another: `qproxy worker --pool prefork`.",
+        "Celery's worker, e.g. `qproxy worker --concurrency 8`.",
+    )
+    p.add_argument(
+        "--pool",
+        metavar="POOL",
+        help="Celery's pool: threads (default: transfers wait on disks and networks, and a "
+        "thread costs less CPU per file than a process), prefork, solo, gevent, eventlet",
     )
     p.add_argument(
         "--metrics-port",

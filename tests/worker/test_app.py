@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -62,5 +63,13 @@ def test_the_worker_runs_celerys_thread_pool_unless_told_otherwise(stack: Stack)
     banner = stack.services["worker"].log_path.read_text(errors="replace")
     assert "concurrency: 2 (thread)" in banner, banner[:2000]
     assert default_pool(["--concurrency", "8"]) == ["--pool", "threads"]
+    # `qproxy worker --pool NAME` (in its --help) runs that pool.
+    argv = [sys.executable, "-m", "qproxy", "worker", "--pool", "solo", "--hostname", "solo@%h"]
+    solo = stack.spawn("worker-solo", argv)
+    try:
+        stack.wait_for("worker-solo", lambda: b"ready." in solo.log_path.read_bytes(), 60)
+        assert re.search(rb"concurrency: \d+ \(solo\)", solo.log_path.read_bytes())
+    finally:
+        stack.services.pop("worker-solo").stop()
     for named in (["--pool", "prefork"], ["--pool=solo"], ["-P", "gevent"], ["-Pprefork"]):
         assert default_pool(named) == [], named

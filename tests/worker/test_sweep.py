@@ -143,7 +143,9 @@ def test_the_sweep_frees_names_whose_save_died(stack: Stack) -> None:
     assert record is not None and record.state == "pending"
 
 
-def test_sweep_leaves_delayed_files_alone(stack: Stack) -> None:
+def delayed_file(stack: Stack) -> tuple[Stores, str]:
+    """A file saved with delayed=True (held: transferred only when asked), on a node whose
+    queue sends nothing."""
     node = Stores(stack.config, queue=NoQueue())
     node.local.ensure()
     temp = node.local.create_temp()
@@ -151,6 +153,11 @@ def test_sweep_leaves_delayed_files_alone(stack: Stack) -> None:
     temp.close()
     key = "delayed/" + os.urandom(4).hex() + ".txt"
     commit(node, temp, key, {"filename": "d.txt"}, enqueue=False)
+    return node, key
+
+
+def test_sweep_leaves_delayed_files_alone(stack: Stack) -> None:
+    node, key = delayed_file(stack)
     assert requeue_stuck(node, older_than=time.time() + 1, now=time.time()) == 0 or (
         node.state.get(key).state == "local"  # type: ignore[union-attr]
     )
@@ -167,13 +174,7 @@ def test_a_delayed_file_whose_job_outran_enqueue_is_not_held_any_more(stack: Sta
     """enqueue() sends the job, then clears the hold: a worker can take the job between the
     two. The worker's run clears it too, or a run that dies leaves a file the sweep skips
     for ever."""
-    node = Stores(stack.config, queue=NoQueue())
-    node.local.ensure()
-    temp = node.local.create_temp()
-    temp.write(b"later, on request")
-    temp.close()
-    key = "delayed/" + os.urandom(4).hex() + ".txt"
-    commit(node, temp, key, {"filename": "d.txt"}, enqueue=False)
+    node, key = delayed_file(stack)
     assert node.state.get(key).hold  # type: ignore[union-attr]
     assert transfer(node, key) == "remote"  # the job, before enqueue()'s own write
     record = node.state.get(key)
