@@ -6,22 +6,48 @@ end; tests that change state use fresh keys, so they do not interfere.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 
 from qproxy.compose import Stores
 from qproxy.config import Config
-from qproxy.dev.devstack import AWS_TEST_ENV, Stack
+from qproxy.dev.devstack import AWS_TEST_ENV, Stack, free_port
 from qproxy.keys import generate_key
 from qproxy.lifecycle.files import store
 from qproxy.ops.nginx import find_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_UPLOAD = 20 * 1024 * 1024
+
+RESOLVER = [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", "{port}"]
+
+
+@contextlib.contextmanager
+def serving(
+    stack: Stack,
+    name: str,
+    argv: Sequence[str],
+    health: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """A server of the stack's for the block: ``argv`` (``{port}`` a free port) started,
+    its URL once ``health`` answers below 500, stopped after."""
+    port = free_port()
+    stack.spawn(name, [a.replace("{port}", str(port)) for a in argv], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        stack.wait_for(name, lambda: httpx.get(url + health).status_code < 500)
+        yield url
+    finally:
+        stack.services.pop(name).stop()
+
 
 needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed")
 

@@ -16,33 +16,15 @@ import pytest
 from qproxy.asgi import UploadMiddleware
 from qproxy.compose import Stores
 from qproxy.dev.devstack import Stack, free_port
-from tests.conftest import wait_state
+from tests.conftest import serving, wait_state
 
 
 @pytest.fixture(scope="module", params=["starlette_app", "fastapi_app"])
 def asgi_url(request: pytest.FixtureRequest, stack: Stack) -> Iterator[str]:
-    port = free_port()
-    name = f"uvicorn-{request.param}"
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        f"tests.asgi_apps:{request.param}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    stack.spawn(name, argv)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        stack.wait_for(name, lambda: httpx.get(url + "/").status_code == 200)
+    argv = [sys.executable, "-m", "uvicorn", "--factory", f"tests.asgi_apps:{request.param}",
+            "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]  # fmt: skip
+    with serving(stack, f"uvicorn-{request.param}", argv, "/") as url:
         yield url
-    finally:
-        stack.services.pop(name).stop()
 
 
 def test_upload_under_uvicorn(asgi_url: str, stack: Stack) -> None:

@@ -15,3 +15,19 @@ exports.launch = () =>
       "--disable-sync",
     ],
   });
+
+// One browser for one script: fn(browser, out) fills out, which is printed as one JSON
+// line once the browser is closed; an error is printed and exits 1.
+exports.session = (out, fn) =>
+  (async () => {
+    const browser = await exports.launch();
+    try {
+      await fn(browser, out);
+    } finally {
+      await browser.close();
+    }
+    console.log(JSON.stringify(out));
+  })().catch((e) => {
+    console.error(e);
+    process.exit(1);
+  });

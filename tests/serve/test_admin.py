@@ -8,15 +8,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from qproxy.compose import Stores
-from qproxy.dev.devstack import Stack, free_port
-from tests.conftest import NoQueue, put_local, wait_state
+from qproxy.dev.devstack import Stack
+from tests.conftest import RESOLVER, NoQueue, put_local, serving, wait_state
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYWRIGHT = REPO / ".cache" / "browser" / "node_modules" / "playwright-core"
@@ -27,16 +26,10 @@ TOKEN = "operator-token-0123456789"
 
 @pytest.fixture
 def admin_url(stack: Stack) -> str:
-    port = free_port()
-    name = f"resolver-admin-{port}"
-    argv = [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", str(port)]
-    stack.spawn(name, argv, env={"QPROXY_ADMIN_TOKEN": TOKEN})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        stack.wait_for(name, lambda: httpx.get(url + "/healthz").status_code == 200)
+    with serving(
+        stack, "resolver-admin", RESOLVER, "/healthz", {"QPROXY_ADMIN_TOKEN": TOKEN}
+    ) as url:
         yield url
-    finally:
-        stack.services.pop(name).stop()
 
 
 def failed_file(stack: Stack, error: str) -> str:

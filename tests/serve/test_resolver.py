@@ -18,7 +18,7 @@ from qproxy.keys import generate_key
 from qproxy.lifecycle.files import delete, store
 from qproxy.worker.sweep import drop_local_copies
 from qproxy.worker.transfer import transfer
-from tests.conftest import NoQueue, put_local
+from tests.conftest import RESOLVER, NoQueue, put_local, serving
 
 
 @pytest.fixture
@@ -28,17 +28,11 @@ def quiet_node(stack: Stack) -> Stores:
 
 def client_for(stack: Stack, **env: str) -> Iterator[httpx.Client]:
     """A real resolver process (uvicorn) on the stack, with some settings changed."""
-    port = free_port()
-    name = f"resolver-{port}"
-    argv = [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", str(port)]
-    stack.spawn(name, argv, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        stack.wait_for(name, lambda: httpx.get(url + "/metrics").status_code == 200)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            yield client
-    finally:
-        stack.services.pop(name).stop()
+    with (
+        serving(stack, f"resolver-{free_port()}", RESOLVER, "/metrics", env) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        yield client
 
 
 def test_public_mode_redirects_to_the_base_url(stack: Stack, quiet_node: Stores) -> None:
