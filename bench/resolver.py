@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -210,6 +211,41 @@ def peer_serve_row(b: Bench) -> None:
         lambda: b.wrk(f"{stack.front}/media/{keys['peer']}", seconds)["rps"],
         lambda: b.wrk(f"{stack.front}/media/{keys['local']}", seconds)["rps"],
     )
+    # --peer-cache wants a filesystem of its own.
+    folder = b.tmp / "peer-cache"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=755", "tmpfs", str(folder)],
+                   check=True)  # fmt: skip
+    cached = b.nginx(
+        "nginx-peer-cache",
+        full_config(
+            stack.config,
+            NginxOptions(
+                listen="127.0.0.1:{port}",
+                app=stack.url("app"),
+                resolver=stack.url("resolver"),
+                peer_cache=str(folder),
+            ),
+        ),
+    )
+    for _ in range(2):
+        r = httpx.get(f"{cached}/media/{keys['peer']}")
+        assert r.content == data and r.headers.get("x-qproxy-source") == "peer", r.headers
+    assert r.headers.get("x-qproxy-cache") == "HIT", r.headers
+    b.alternate(
+        Row(
+            "serve 64 KiB held by another web node, read again (--peer-cache)",
+            "req/s",
+            "peer, nginx --peer-cache (nginx -> resolver -> this node's copy)",
+            "local (nginx -> resolver -> this disk)",
+            target=">= 0.5x local",
+            target_ratio=0.5,
+        ),
+        lambda: b.wrk(f"{cached}/media/{keys['peer']}", seconds)["rps"],
+        lambda: b.wrk(f"{cached}/media/{keys['local']}", seconds)["rps"],
+    )
+    b.stop("nginx-peer-cache")
+    subprocess.run(["umount", "-l", str(folder)], check=False)
     b.stop("resolver-node-2")
     for name, node in (("peer", there), ("local", here)):
         delete(node, keys[name])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -36,10 +37,11 @@ def serving(
     argv: Sequence[str],
     health: str,
     env: dict[str, str] | None = None,
+    port: int = 0,
 ) -> Iterator[str]:
-    """A server of the stack's for the block: ``argv`` (``{port}`` a free port) started,
-    its URL once ``health`` answers below 500, stopped after."""
-    port = free_port()
+    """A server of the stack's for the block: ``argv`` (``{port}`` a free port, or ``port``)
+    started, its URL once ``health`` answers below 500, stopped after."""
+    port = port or free_port()
     stack.spawn(name, [a.replace("{port}", str(port)) for a in argv], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -47,6 +49,43 @@ def serving(
         yield url
     finally:
         stack.services.pop(name).stop()
+
+
+@contextlib.contextmanager
+def other_node(stack: Stack) -> Iterator[Stores]:
+    """A second web node on the stack's Redis and S3 for the block: its own disk and its own
+    resolver (a real process), which its records point at. Its queue sends nothing."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    root = stack.dir / f"node2-{port}-files"
+    node = Stores(
+        stack.config.replace(local_root=str(root), node_id="node-2", node_url=url),
+        queue=NoQueue(),
+    )
+    node.local.ensure()
+    env = {"QPROXY_LOCAL_ROOT": str(root), "QPROXY_NODE_ID": "node-2", "QPROXY_NODE_URL": url}
+    with serving(stack, f"resolver-node2-{port}", RESOLVER, "/healthz", env, port):
+        yield node
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "64m") -> Iterator[Path]:
+    """A small filesystem of its own at ``path`` for the block (a disk to fill, a folder
+    nothing else writes to); the test is skipped where none can be mounted (not root)."""
+    path.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=755", "tmpfs", str(path)],
+            check=True,
+        )
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        path.rmdir()
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()
 
 
 needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +23,7 @@ from qproxy.headers import content_disposition
 
 LOCAL_PREFIX = "/_qp/local/"
 PEER_PREFIX = "/_qp/peer/"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # How long nginx's micro-cache (``qproxy nginx-config --micro-cache``) may reuse an answer,
 # sent as X-Accel-Expires (nginx hides it from clients). A local answer goes stale when the
@@ -80,6 +82,7 @@ class Decision:
     disposition: str = ""
     max_age: int = 0
     version: int = 1  # the record's version (signed into a peer's blob URL)
+    sha256: str = ""  # a peer's file: its content hash (nginx's --peer-cache key)
     private: bool = False  # served only when signed: never cached for others
 
 
@@ -169,6 +172,7 @@ def _decide(
         content_type=ctype,
         disposition=disposition,
         version=record.version,
+        sha256=record.sha256 if _SHA256.fullmatch(record.sha256) else "",
     )
 
 
@@ -181,8 +185,10 @@ def should_ask_s3(decision: Decision, record: FileRecord | None, *, retry: bool)
 
 
 def peer_target(decision: Decision, signed_query: str) -> str:
-    """The internal location that proxies to the node holding the file."""
-    return f"{PEER_PREFIX}{decision.peer}/{quote(decision.key, safe='/')}?{signed_query}"
+    """The internal location that proxies to the node holding the file. ``h``, the bytes'
+    SHA-256, is what nginx's peer cache keys them by (the same bytes, whoever signed)."""
+    target = f"{PEER_PREFIX}{decision.peer}/{quote(decision.key, safe='/')}?{signed_query}"
+    return f"{target}&h={decision.sha256}" if decision.sha256 else target
 
 
 FORBIDDEN_ANSWER: tuple[int, RawHeaders, bytes] = (

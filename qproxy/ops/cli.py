@@ -440,6 +440,7 @@ def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
         micro_cache_listen=args.micro_cache_listen,
         micro_cache_path=args.micro_cache_path or NginxOptions.micro_cache_path,
         offload=args.offload,
+        peer_cache=args.peer_cache,
     )
     text = full_config(config, options) if args.full else server_block(config, options)
     if args.offload:
@@ -723,6 +724,16 @@ def _parse_nginx_config(add: AddCommand) -> None:
         default="",
         help="folder for the cached answers (default: /var/lib/nginx/qproxy-cache; with --full, "
         "qproxy_decisions under nginx's prefix)",
+    )
+    p.add_argument(
+        "--peer-cache",
+        metavar="DIR",
+        default="",
+        help="keep files read from other web nodes in DIR for 60 s after their last read "
+        "(by SHA-256; files under 10 MB; at most half of DIR): read again here, one is served "
+        "as a local file, only when the resolver says so, as every file. DIR must be a "
+        "filesystem of its own (e.g. a tmpfs): nginx cuts a download short when the disk "
+        "under its cache is full",
     )
     p.add_argument(
         "--offload",

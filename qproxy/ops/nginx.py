@@ -85,6 +85,15 @@ class NginxOptions:
     # Offload mode: on QPROXY_RAW_UPLOAD_PATHS nginx writes the body to disk itself and
     # hands the app its path; qproxy hashes it and renames it into the store.
     offload: bool = False
+    # Files read from other web nodes kept here for a while (by their SHA-256) in this
+    # folder, a filesystem of its own (empty: off): read again here, one is a local file.
+    peer_cache: str = ""
+
+
+# The peer cache: how long a file read from another node is served from this node's copy,
+# and the smallest file it leaves out (a big file read once would push out many small ones).
+PEER_CACHE_SECONDS = 60
+PEER_CACHE_FILE_DIGITS = 7  # files whose size has at most this many digits (< 10 MB)
 
 
 def _hostport(url: str, what: str) -> str:
@@ -258,6 +267,72 @@ def micro_cache_zone(path: str) -> str:
         "# Micro-cache of the resolver's answers (hot keys cost no Redis lookup).\n"
         f"proxy_cache_path {_quote(path)} levels=1:2"
         " keys_zone=qproxy_decisions:10m max_size=256m inactive=60s use_temp_path=off;\n\n"
+    )
+
+
+def peer_cache_size(path: str) -> int:
+    """The most the peer cache at ``path`` may hold: half its filesystem. It must be a
+    filesystem of its own: nginx cuts an answer short when it cannot write the copy it is
+    keeping (measured: a full disk under the cache gave clients truncated bodies), so no
+    one else may fill it, and nginx's own limit is enforced late (every few seconds)."""
+    if any(c in path for c in " ;{}'\"\\$\r\n\x00") or not os.path.isabs(path):
+        raise ConfigError(f"--peer-cache needs an absolute folder, got {path!r}")
+    if not os.path.ismount(path):
+        raise ConfigError(
+            f"--peer-cache {path}: not a filesystem of its own. nginx cuts a download short "
+            "when the disk under its cache is full, so the peer cache needs one nothing else "
+            f"writes to, e.g. `mount -t tmpfs -o size=2g,mode=755 tmpfs {path}`"
+        )
+    fs = os.statvfs(path)
+    return fs.f_blocks * fs.f_frsize // 2
+
+
+def peer_cache_zone(path: str, mode: Mode) -> str:
+    """``--peer-cache``: the cache of files read from other nodes, and what it leaves out.
+    The file's hash is the peer URL's ``h``: its query in X-Accel mode; in auth_request mode
+    the rewrite keeps the whole URL as the path, so it is read from $qp_peer."""
+    size = peer_cache_size(path)
+    if mode == "x-accel":
+        source, pattern = "$arg_h", "^([0-9a-f]{64})$"
+    else:
+        source, pattern = "$qp_peer", "[?&]h=([0-9a-f]{64})$"
+    return (
+        "# Files read from other web nodes (--peer-cache), kept by their SHA-256: read\n"
+        f"# again here within {PEER_CACHE_SECONDS} s, one is served from this copy. Only after\n"
+        "# the resolver said where it is, as every file: a deleted file is not served.\n"
+        "# A filesystem of its own, at most half of it used (nginx cuts a download short\n"
+        "# when it cannot write the copy).\n"
+        f"proxy_cache_path {_quote(path)} levels=1:2 keys_zone=qproxy_peer_files:10m"
+        f" max_size={size} inactive={PEER_CACHE_SECONDS}s use_temp_path=off;\n"
+        f"map {source} $qp_peer_hash {{\n"
+        f'{I1}"~{pattern}" $1;\n'
+        f'{I1}default "";\n'
+        "}\n"
+        "# Not cached: an answer without the file's hash, and files of 10 MB or more.\n"
+        "map $qp_peer_hash $qp_peer_unhashed {\n"
+        f'{I1}"" 1;\n'
+        f'{I1}default "";\n'
+        "}\n"
+        "map $upstream_http_content_length $qp_peer_big {\n"
+        f'{I1}"~^[0-9]{{1,{PEER_CACHE_FILE_DIGITS}}}$" "";\n'
+        f"{I1}default 1;\n"
+        "}\n\n"
+    )
+
+
+def _peer_cache() -> str:
+    return _lines(
+        I2,
+        "# --peer-cache: one file's bytes by their hash, whichever node sent them.",
+        "proxy_cache qproxy_peer_files;",
+        "proxy_cache_key $qp_peer_hash;",
+        "proxy_cache_bypass $qp_peer_unhashed;",
+        "proxy_no_cache $qp_peer_unhashed $qp_peer_big;",
+        f"proxy_cache_valid 200 {PEER_CACHE_SECONDS}s;",
+        "proxy_ignore_headers Cache-Control Expires Set-Cookie X-Accel-Expires;",
+        "# Range and 304 from the cached copy, as from a local file.",
+        "proxy_force_ranges on;",
+        "add_header X-QProxy-Cache $upstream_cache_status always;",
     )
 
 
@@ -568,9 +643,10 @@ PEER_READ_TIMEOUT = 10
 PEER_RETRY_AFTER = 5
 
 
-def location_peer() -> str:
+def location_peer(*, cache: bool = False) -> str:
     """A file on another web node: proxied from that node's resolver (a signed URL), as a
-    local file is served (Range, HEAD, 304), streamed through without a temporary file."""
+    local file is served (Range, HEAD, 304), streamed through without a temporary file;
+    ``cache`` (--peer-cache): kept here a while, by its hash, if under 10 MB."""
     return (
         _lines(
             I1,
@@ -599,6 +675,7 @@ def location_peer() -> str:
                 "proxy_hide_header X-Content-Type-Options;",
                 "proxy_hide_header Content-Security-Policy;",
             ),
+            _peer_cache() if cache else "",
             _file_answer(links=False),
         )
         + _location(
@@ -634,6 +711,8 @@ def server_block(config: Config, options: NginxOptions) -> str:
         out.append(micro_cache_zone(options.micro_cache_path))
     if micro and options.mode == "x-accel":
         out.append(caching_hop(hop, token))
+    if options.peer_cache:
+        out.append(peer_cache_zone(options.peer_cache, options.mode))
     out += [
         "server {\n",
         _lines(
@@ -666,7 +745,7 @@ def server_block(config: Config, options: NginxOptions) -> str:
             location_remote(),
             "\n",
         ]
-    out += [location_retry(token), "\n", location_peer(), "}\n"]
+    out += [location_retry(token), "\n", location_peer(cache=bool(options.peer_cache)), "}\n"]
     return "".join(out)
 
 

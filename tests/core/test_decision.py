@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from qproxy.config import DEFAULT_INLINE_TYPES
@@ -14,6 +16,7 @@ from qproxy.core.decision import (
     Shown,
     auth_answer,
     decide,
+    peer_target,
     should_ask_s3,
     shown_as,
     x_accel,
@@ -56,6 +59,22 @@ def test_local_states_serve_from_disk(state: State) -> None:
 @pytest.mark.parametrize("state", ["local", "queued", "transferring", "failed"])
 def test_other_node_is_a_peer(state: State) -> None:
     assert run(record(state, node="n2")) == ("peer", "10.0.0.1:8300", "")
+
+
+def test_a_peer_target_names_the_bytes_by_their_hash() -> None:
+    """nginx's --peer-cache keeps a peer's file by its SHA-256 (``h``), never by its key
+    alone: a newer version under the key is other bytes."""
+    sha = "ab" * 32
+    rec = dataclasses.replace(record("local", node="n2"), sha256=sha)
+    kw = {"node_id": "n1", "remote_url": lambda *a: "", "local_exists": lambda: False}
+    d = decide(rec, "k.txt", redirect_max_age=300, **kw)  # type: ignore[arg-type]
+    assert d.sha256 == sha
+    assert peer_target(d, "exp=1&v=1&sig=x").endswith(f"?exp=1&v=1&sig=x&h={sha}")
+    # No hash (a record of an older release): no h, and nginx keeps nothing.
+    unhashed = dataclasses.replace(d, sha256="")
+    assert peer_target(unhashed, "exp=1&v=1&sig=x").endswith("?exp=1&v=1&sig=x")
+    bad = dataclasses.replace(rec, sha256="../etc")
+    assert decide(bad, "k.txt", redirect_max_age=300, **kw).sha256 == ""  # type: ignore[arg-type]
 
 
 def test_remote_redirects() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -11,21 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import tmpfs
 from tests.faults.helpers import Accepted, MiB, fault_stack, oracle, sizes, upload_many
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
 def test_disk_full_is_507_and_recovers() -> None:
-    mount = Path(tempfile.mkdtemp(prefix="qproxy-tmpfs-"))
-    os.chmod(mount, 0o755)
-    try:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m,mode=755", "tmpfs", str(mount)], check=True
-        )
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    base = Path(tempfile.mkdtemp(prefix="qproxy-tmpfs-"))
+    os.chmod(base, 0o755)
+    with tmpfs(base / "disk", size="8m") as mount:
         settings = {"QPROXY_LOCAL_ROOT": str(mount / "files"), "QPROXY_KEEP_LOCAL_SECONDS": "0"}
         with fault_stack(**settings) as stack:
             accepted = Accepted()
@@ -40,6 +34,4 @@ def test_disk_full_is_507_and_recovers() -> None:
             upload_many(stack, sizes(20, high=256 * 1024, seed=11), accepted)
             assert len(accepted.files) == 25, accepted.refused
             oracle(stack, accepted, timeout=60)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-        mount.rmdir()
+    base.rmdir()

@@ -67,6 +67,7 @@ def test_top_level_help_lists_commands() -> None:
         ("reconcile", "FLUSHALL"),
         ("doctor", "Exit status 1"),
         ("nginx-config", "--micro-cache"),
+        ("nginx-config", "--peer-cache"),
         ("nginx-config", "--offload"),
     ],
 )

@@ -16,6 +16,7 @@ from qproxy.config import Config
 from qproxy.errors import ConfigError
 from qproxy.ops import nginx
 from qproxy.ops.nginx import NginxOptions, find_nginx, full_config, server_block
+from tests.conftest import tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX = find_nginx()
@@ -109,6 +110,36 @@ def test_cli_prints_config_with_flags() -> None:
     assert "auth_request /_qp/auth;" in out
     assert 'root "/data/files";' in out
     assert "client_max_body_size 1000;" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("mode", ["x-accel", "auth_request"])
+def test_peer_cache_config_passes_nginx_t(prefix: Path, mode: str) -> None:
+    with tmpfs(prefix / "peer-cache", size="8m") as folder:
+        conf = prefix / "nginx.conf"
+        options = NginxOptions(mode=mode, peer_cache=str(folder))  # type: ignore[arg-type]
+        conf.write_text(full_config(CONFIG, options))
+        result = nginx_t(conf, prefix)
+        assert result.returncode == 0, result.stderr
+        # At most half of its filesystem (nginx enforces its limit late).
+        assert f'proxy_cache_path "{folder}" ' in conf.read_text()
+        assert f"max_size={4 * 1024 * 1024} " in conf.read_text()
+
+
+def test_peer_cache_refuses_a_folder_others_write_to(tmp_path: Path) -> None:
+    """nginx cuts a download short when the disk under its cache is full: on the store's
+    disk (or /var) that is a matter of time, so only a filesystem of its own is taken."""
+    result = subprocess.run(
+        [sys.executable, "-m", "qproxy", "nginx-config", "--peer-cache", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QPROXY_LOCAL_ROOT": str(tmp_path / "files")},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"qproxy: --peer-cache {tmp_path}: not a filesystem of its own")
+    assert "mount -t tmpfs" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(ConfigError, match="absolute"):
+        server_block(CONFIG, NginxOptions(peer_cache="relative/dir"))
 
 
 def test_cli_rejects_bad_urls() -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -18,7 +16,7 @@ from qproxy.keys import generate_key
 from qproxy.lifecycle.files import delete, store
 from qproxy.worker.sweep import drop_local_copies
 from qproxy.worker.transfer import transfer
-from tests.conftest import RESOLVER, NoQueue, put_local, serving
+from tests.conftest import RESOLVER, NoQueue, other_node, put_local, serving
 
 
 @pytest.fixture
@@ -120,37 +118,17 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
     stack = any_stack
     quiet_node = Stores(stack.config, queue=NoQueue())
     # A second node: its own disk and resolver; its record points at it.
-    other_root = Path(stack.dir) / "node2-files"
-    port = free_port()
-    node2 = Stores(
-        quiet_node.config.replace(
-            local_root=str(other_root), node_id="node-2", node_url=f"http://127.0.0.1:{port}"
-        ),
-        queue=NoQueue(),
-    )
-    key = put_local(node2, b"bytes living on node 2")
-    page, image = generate_key("page.html"), generate_key("cat.png")
-    store(
-        node2,
-        [b"<script>alert(1)</script>"],
-        page,
-        {"filename": "page.html", "content_type": "text/html"},
-    )
-    store(node2, [b"\x89PNG"], image, {"filename": "cat.png", "content_type": "image/png"})
-    stack.spawn(
-        "resolver-node2",
-        [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", str(port)],
-        env={
-            "QPROXY_LOCAL_ROOT": str(other_root),
-            "QPROXY_NODE_ID": "node-2",
-            "QPROXY_NODE_URL": f"http://127.0.0.1:{port}",
-        },
-    )
-    try:
-        stack.wait_for(
-            "resolver-node2",
-            lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200,
+    with other_node(stack) as node2:
+        port = urlsplit(node2.config.node_url).port
+        key = put_local(node2, b"bytes living on node 2")
+        page, image = generate_key("page.html"), generate_key("cat.png")
+        store(
+            node2,
+            [b"<script>alert(1)</script>"],
+            page,
+            {"filename": "page.html", "content_type": "text/html"},
         )
+        store(node2, [b"\x89PNG"], image, {"filename": "cat.png", "content_type": "image/png"})
         # Node 1's resolver says "peer"; node 1's nginx proxies from node 2's blob endpoint.
         if stack.mode == "x-accel":
             decision = httpx.get(f"{stack.url('resolver')}/resolve/{key}")
@@ -183,8 +161,6 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
         assert httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True).content == (
             b"bytes living on node 2"
         )
-    finally:
-        stack.services.pop("resolver-node2").stop()
 
 
 def test_standalone_mode_shows_files_safely(stack: Stack, quiet_node: Stores) -> None:
