@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,40 @@ def test_hash_of_a_large_file_written_from_a_reused_buffer(tmp_path: Path) -> No
     assert temp.size == (tmp_path / "t").stat().st_size
     assert temp.sha256 == expected.hexdigest()
     assert hashlib.sha256((tmp_path / "t").read_bytes()).hexdigest() == expected.hexdigest()
+
+
+def test_a_hash_that_falls_behind_holds_a_few_mib_whatever_the_chunking(tmp_path: Path) -> None:
+    """A server handing the app 4 MiB chunks and a busy machine (the hash thread gets little
+    time): what waits to be hashed stays bounded in bytes, not in chunks."""
+
+    class SlowHash:
+        def __init__(self) -> None:
+            self.inner = hashlib.sha256()
+
+        def update(self, data: bytes) -> None:
+            time.sleep(len(data) / (100 * 1024 * 1024))  # 100 MiB/s: slower than the writes
+            self.inner.update(data)
+
+        def hexdigest(self) -> str:
+            return self.inner.hexdigest()
+
+    temp = TempFile(tmp_path / "t")
+    temp._hash = SlowHash()  # type: ignore[assignment]
+    expected = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        for _ in range(24):
+            chunk = os.urandom(4 * 1024 * 1024)
+            expected.update(chunk)
+            temp.write(chunk)
+            del chunk
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    temp.close()
+    assert temp.sha256 == expected.hexdigest()
+    # The chunk written, and the two that 2 MiB of queued pieces can span: never ~32 chunks.
+    assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
 
 
 def test_discard_of_a_large_file_leaves_nothing(tmp_path: Path) -> None:
