@@ -144,17 +144,30 @@ def resolve_rows(b: Bench) -> None:
         "/metrics",
         env={"QPROXY_REDIRECT": "public", "QPROXY_REMOTE_BASE_URL": "https://cdn.example"},
     )
+    # Every request asking Redis: the record cache off (QPROXY_RECORD_CACHE).
+    uncached = b.serve(
+        "resolver-uncached",
+        [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", "{port}"],
+        "/metrics",
+        env={"QPROXY_RECORD_CACHE": "0"},
+    )
     bare = b.uvicorn("bare-302", "bench.apps:bare_resolver")
-    runs: dict[str, list[float]] = {"presigned": [], "public": [], "bare": []}
+    runs: dict[str, list[float]] = {"presigned": [], "public": [], "uncached": [], "bare": []}
     for _ in range(b.rounds):
         runs["presigned"].append(b.wrk(f"{stack.url('resolver')}/resolve/{rkey}", seconds)["rps"])
         runs["public"].append(b.wrk(f"{public}/resolve/{rkey}", seconds)["rps"])
+        runs["uncached"].append(b.wrk(f"{uncached}/resolve/{rkey}", seconds)["rps"])
         runs["bare"].append(b.wrk(f"{bare}/redirect/{rkey}", seconds)["rps"])
-    for mode, target in (("presigned", 0.8), ("public", None)):
+    for mode, target in (
+        ("presigned", 0.8),
+        ("public", None),
+        ("uncached", None),
+    ):
+        label = "presigned, every request asking Redis" if mode == "uncached" else mode
         row = Row(
-            f"resolve remote (302/s), {mode}",
+            f"resolve remote (302/s), {label}",
             "req/s",
-            f"resolver, {mode}",
+            f"resolver, {label}",
             "bare Starlette 302",
             cand=runs[mode],
             base=runs["bare"],
@@ -164,6 +177,7 @@ def resolve_rows(b: Bench) -> None:
         b.rows.append(row)
         print(f"  {row.name}: {fmt(row)}", flush=True)
     b.stop("resolver-public")
+    b.stop("resolver-uncached")
     b.stop("bare-302")
 
 

@@ -142,7 +142,7 @@ class Resolver:
         self.standalone = config.standalone if standalone is None else standalone
         metrics.setup(config)
         logs.setup(config)  # (the janitor's and the sweep's lines: time and level on each)
-        self.reader = AsyncStateReader(config.redis_url)
+        self.reader = AsyncStateReader(config.redis_url, tracking=config.record_cache)
         self._misses: dict[str, float] = {}
         self._peer_addresses: dict[str, tuple[str, float]] = {}
         self._s3_down_until = 0.0

@@ -448,15 +448,19 @@ class Bulk:
 class AsyncStateReader:
     """Reads records from an event loop (the resolver), without a thread per lookup."""
 
-    def __init__(self, url: str, *, prefix: str = PREFIX) -> None:
+    def __init__(self, url: str, *, prefix: str = PREFIX, tracking: bool = True) -> None:
         self.prefix = prefix
-        self.redis = PipelinedRedis(url, timeout=5, connect_timeout=2)
+        # Records are remembered until Redis says they changed (see qproxy.stores.resp).
+        self.redis = PipelinedRedis(url, timeout=5, connect_timeout=2, tracking=tracking)
 
     async def get(self, key: str) -> FileRecord | None:
+        def parse(flat: list[bytes]) -> FileRecord | None:
+            if not flat:
+                return None
+            return FileRecord.from_hash(key, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+        name = self.prefix + "f:" + key
         try:
-            flat = await self.redis.call("HGETALL", self.prefix + "f:" + key)
+            return await self.redis.tracked(name, parse, "HGETALL", name)
         except hiredis.ReplyError as exc:
             raise StateUnavailable(f"Redis: {exc}") from exc
-        if not flat:
-            return None
-        return FileRecord.from_hash(key, dict(zip(flat[::2], flat[1::2], strict=True)))

@@ -199,3 +199,24 @@ def test_public_path_at_the_root_leaves_the_service_routes_alone(
                 assert r.content == b"root public path"
             else:
                 assert r.headers["x-accel-redirect"] == f"/_qp/local/{key}"
+
+
+def test_a_hot_file_deleted_or_replaced_is_seen_so_by_the_next_request(
+    any_stack: Stack,
+) -> None:
+    """The resolver remembers the records it read (QPROXY_RECORD_CACHE): a hot file costs
+    no Redis round trip. Deleted or replaced by another process, the very next request
+    after the change gets the change: 404, or the new bytes."""
+    stack = any_stack
+    quiet_node = Stores(stack.config, queue=NoQueue())
+    with httpx.Client(base_url=stack.files_url, timeout=30) as client:
+        for i in range(20):
+            gone = put_local(quiet_node, b"deleted soon %d" % i)
+            replaced = put_local(quiet_node, b"version one %d" % i)
+            for _ in range(5):  # hot
+                assert client.get(f"/media/{gone}").status_code == 200
+                assert client.get(f"/media/{replaced}").content == b"version one %d" % i
+            assert delete(quiet_node, gone)
+            assert client.get(f"/media/{gone}").status_code == 404
+            put_local(quiet_node, b"version two %d" % i, key=replaced, replace=True)
+            assert client.get(f"/media/{replaced}").content == b"version two %d" % i

@@ -20,11 +20,11 @@ from qproxy.stores.resp import PipelinedRedis
 from qproxy.stores.state import AsyncStateReader
 
 
-def _start(port: int) -> subprocess.Popen[bytes]:
+def _start(port: int, *options: str) -> subprocess.Popen[bytes]:
     redis_server = find_redis()
     assert redis_server, "redis-server is not installed"
     proc = subprocess.Popen(
-        [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *options],
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
@@ -166,3 +166,94 @@ def test_a_service_that_is_not_redis_is_refused_quickly(stack: Stack) -> None:
         assert time.monotonic() - started < 2.5
 
     asyncio.run(main())
+
+
+def _hgetalls(port: int) -> int:
+    """How many HGETALLs this Redis has answered."""
+    with redis.Redis(port=port) as client:
+        stats = client.info("commandstats")
+    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+def test_a_remembered_record_is_seen_changed_by_the_next_read(
+    server: tuple[int, list[subprocess.Popen[bytes]]],
+) -> None:
+    """Records are remembered (a hot key asks Redis once), and whoever changes one (another
+    process: a worker, `qproxy delete`), the next read after the change sees it."""
+    port, _ = server
+    client = redis.Redis(port=port)
+    client.hset("qp:f:hot", mapping={"s": "remote", "g": "1"})
+
+    async def main() -> None:
+        reader = AsyncStateReader(f"redis://127.0.0.1:{port}/0")
+        first = await reader.get("hot")
+        before = _hgetalls(port)
+        for _ in range(100):
+            assert await reader.get("hot") == first
+        assert _hgetalls(port) == before, "a remembered record was asked for again"
+        # Changed by another client, read at once (no turn of the event loop between):
+        # never the remembered one.
+        for gen in range(2, 300):
+            client.hset("qp:f:hot", "g", str(gen))
+            record = await reader.get("hot")
+            assert record is not None and record.gen == gen
+            assert await reader.get("hot") == record
+        client.delete("qp:f:hot")
+        assert await reader.get("hot") is None
+        client.hset("qp:f:hot", mapping={"s": "local", "g": "9"})  # a record that was absent
+        record = await reader.get("hot")
+        assert record is not None and record.state == "local"
+        client.flushall()  # (Redis names no keys: everything is forgotten)
+        assert await reader.get("hot") is None
+        await reader.redis.close()
+
+    asyncio.run(main())
+    client.close()
+
+
+def test_a_lost_invalidation_connection_forgets_every_record(
+    server: tuple[int, list[subprocess.Popen[bytes]]],
+) -> None:
+    port, _ = server
+    client = redis.Redis(port=port)
+    client.hset("qp:f:k", mapping={"s": "remote", "g": "1"})
+
+    async def main() -> None:
+        reader = AsyncStateReader(f"redis://127.0.0.1:{port}/0")
+        assert (await reader.get("k")).gen == 1  # type: ignore[union-attr]
+        # The connection the invalidations come on is cut, then the record changes: no
+        # one would say so, so nothing remembered is used (and the read still works).
+        assert client.client_kill_filter(_type="pubsub") == 1
+        client.hset("qp:f:k", "g", "2")
+        assert (await reader.get("k")).gen == 2  # type: ignore[union-attr]
+        # Tracked again on the new connections.
+        before = _hgetalls(port)
+        await reader.get("k")
+        assert _hgetalls(port) == before
+        client.hset("qp:f:k", "g", "3")
+        assert (await reader.get("k")).gen == 3  # type: ignore[union-attr]
+        await reader.redis.close()
+
+    asyncio.run(main())
+    client.close()
+
+
+def test_a_redis_without_client_tracking_is_asked_every_time() -> None:
+    """A Redis that refuses CLIENT (renamed away, an ACL, a proxy) still serves reads."""
+    port = free_port()
+    proc = _start(port, "--rename-command", "CLIENT", "")
+    try:
+        with redis.Redis(port=port) as client:
+            client.hset("qp:f:k", mapping={"s": "remote", "g": "1"})
+
+        async def main() -> None:
+            reader = AsyncStateReader(f"redis://127.0.0.1:{port}/0")
+            for gen in (1, 1, 1):
+                assert (await reader.get("k")).gen == gen  # type: ignore[union-attr]
+            assert _hgetalls(port) == 3
+            await reader.redis.close()
+
+        asyncio.run(main())
+    finally:
+        proc.kill()
+        proc.wait()
