@@ -13,6 +13,8 @@ Redis at scrape time; ``qproxy worker --metrics-port`` serves a worker host's.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import hashlib
 import os
 import sys
@@ -161,11 +163,52 @@ def transferred(outcome: str, *, size: int, seconds: float) -> None:
         m.retries.inc()
 
 
+class _Tally:
+    """The resolver's per-request counts, added up in this process and written to the
+    node's metric files once per turn of the event loop (after every request of that turn):
+    each write to them takes a lock and a mapped file, measured at ~18% of a remembered
+    lookup's time, and a busy turn answers tens of requests."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, int] = {}
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: +Inf
+        self.sum = 0.0
+        self.due = False  # a flush is scheduled
+
+
+_tally = _Tally()
+
+
 def decided(kind: str, seconds: float) -> None:
+    """One answer of the resolver, and how long it took to decide."""
+    tally = _tally
+    tally.kinds[kind] = tally.kinds.get(kind, 0) + 1
+    tally.sum += seconds
+    tally.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    if not tally.due:
+        tally.due = True
+        try:
+            asyncio.get_running_loop().call_soon(flush)
+        except RuntimeError:  # not in an event loop: at once
+            flush()
+
+
+def flush() -> None:
+    """Write what this process has added up (:func:`decided`) to the shared metrics."""
+    global _tally
+    tally, _tally = _tally, _Tally()
+    if not tally.kinds:
+        return
     m = _metrics()
-    counter = m.decision_kinds.get(kind)
-    (m.decisions.labels(kind) if counter is None else counter).inc()
-    m.decision_seconds.observe(seconds)
+    for kind, count in tally.kinds.items():
+        counter = m.decision_kinds.get(kind)
+        (m.decisions.labels(kind) if counter is None else counter).inc(count)
+    histogram = m.decision_seconds
+    # prometheus_client has no "observe N times": its bucket values, each incremented once.
+    histogram._sum.inc(tally.sum)
+    for value, count in zip(histogram._buckets, tally.buckets, strict=True):
+        if count:
+            value.inc(count)
 
 
 def dropped(count: int = 1) -> None:

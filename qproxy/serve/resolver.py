@@ -585,6 +585,7 @@ class Resolver:
     async def metrics(self, request: Request) -> Response:
         """Every process of this node, summed (qproxy.metrics), and the cluster's records
         by state (read from Redis now)."""
+        metrics.flush()  # (this process's latest answers)
         try:
             census = await anyio.to_thread.run_sync(self.stores.state.census, _INDEXED)
         except StateUnavailable:
@@ -607,6 +608,7 @@ class Resolver:
                         task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
+                metrics.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import logging
 import os
+import select
 import time
 import weakref
 from collections.abc import Callable
@@ -110,6 +111,10 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.WriteTransport, transport)
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
+        if self.fd >= 0:
+            # Asking whether anything came: a poll() is ~4x cheaper than a failed read.
+            self._ready = select.poll()
+            self._ready.register(self.fd, select.POLLIN)
 
     def catch_up(self, key: bytes) -> None:
         """Before a remembered read of ``key`` is used: the invalidations already here."""
@@ -121,7 +126,7 @@ class _Protocol(asyncio.Protocol):
         """Take what has already arrived, now (a subscriber's invalidations), rather than
         when the event loop next looks: a change whose writer already has its answer is
         then seen by a read that comes after it. The socket is non-blocking."""
-        while not self.closed and self.fd >= 0:
+        while not self.closed and self.fd >= 0 and self._ready.poll(0):
             try:
                 data = os.read(self.fd, 65536)
             except (BlockingIOError, InterruptedError):

@@ -3,6 +3,7 @@ HELP, the names the Grafana dashboard in deploy/ uses."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -95,6 +96,25 @@ def test_a_counter_never_goes_back_whichever_process_answers(stack: Stack) -> No
             seen.append(value(samples, "qproxy_resolve_total", decision="missing"))
         base = value(start, "qproxy_resolve_total", decision="missing")
         assert seen == [seen[0]] * len(seen) and seen[0] >= base + 40, (base, seen)
+
+        # Answers are added up per turn of each process's event loop (200 at once here):
+        # every one is counted, in the counter and in the histogram, by the next scrape.
+        async def burst() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                tasks = (client.get(f"/resolve/2026/01/01/burst-{i}.txt") for i in range(200))
+                assert {r.status_code for r in await asyncio.gather(*tasks)} == {404}
+
+        before, _ = scrape(url)
+        asyncio.run(burst())
+        after, _ = scrape(url)
+
+        def grew(name: str, **labels: str) -> float:
+            return value(after, name, **labels) - value(before, name, **labels)
+
+        assert grew("qproxy_resolve_total", decision="missing") == 200
+        assert grew("qproxy_resolve_duration_seconds_count") == 200
+        assert grew("qproxy_resolve_duration_seconds_bucket", le="+Inf") == 200
+        assert 0 < grew("qproxy_resolve_duration_seconds_sum") < 200 * 2.5
     finally:
         stack.services.pop(name).stop()
 
