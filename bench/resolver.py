@@ -66,7 +66,6 @@ def resolve_rows(b: Bench) -> None:
                         resolver=stack.url("resolver"),
                         mode=mode,
                         micro_cache=True,
-                        micro_cache_listen=f"unix:{b.tmp}/hop-{mode}.sock",
                     ),
                 ),
             )

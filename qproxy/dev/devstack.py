@@ -345,7 +345,6 @@ class Stack:
             resolver=self.url("resolver"),
             mode=self.mode,
             micro_cache=self.micro_cache,
-            micro_cache_listen=f"unix:{self.dir}/nginx-decisions.sock",
             offload=self.offload,
         )
         # nginx creates its body folder (offload) but not the folders above it.

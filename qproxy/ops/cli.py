@@ -437,7 +437,6 @@ def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
         resolver=args.resolver,
         mode=args.mode,
         micro_cache=args.micro_cache,
-        micro_cache_listen=args.micro_cache_listen,
         micro_cache_path=args.micro_cache_path or NginxOptions.micro_cache_path,
         offload=args.offload,
         peer_cache=args.peer_cache,
@@ -712,13 +711,9 @@ def _parse_nginx_config(add: AddCommand) -> None:
         help="let nginx reuse the resolver's answers briefly (1 s for a local file, never a "
         "404): hot files cost no Redis lookup. A deleted file may be served for up to 1 s more.",
     )
-    p.add_argument(
-        "--micro-cache-listen",
-        default="127.0.0.1:8301",
-        help="where the caching hop of x-accel mode listens: loopback HOST:PORT, or "
-        "unix:/ABSOLUTE/PATH (a socket nginx creates; ~10%% more hot requests per second) "
-        "(default: 127.0.0.1:8301)",
-    )
+    # X-Accel mode's micro-cache had a second, caching server listening here; it asks
+    # with a cached subrequest now. Still taken, so that old command lines work.
+    p.add_argument("--micro-cache-listen", default="", help=argparse.SUPPRESS)
     p.add_argument(
         "--micro-cache-path",
         default="",

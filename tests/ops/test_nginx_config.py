@@ -152,20 +152,17 @@ def test_cli_rejects_bad_urls() -> None:
     assert "--app must look like http://HOST:PORT" in result.stderr
 
 
-def test_micro_cache_hop_address() -> None:
-    def conf(hop: str) -> str:
-        return server_block(
-            CONFIG,
-            NginxOptions(micro_cache=True, micro_cache_listen=hop),
-        )
-
-    out = conf("unix:/run/nginx/qp-hop.sock")
-    assert "listen unix:/run/nginx/qp-hop.sock;" in out
-    assert "server unix:/run/nginx/qp-hop.sock;" in out
-    assert "server 127.0.0.1:8301;" in conf("127.0.0.1:8301")
-    for bad in ("unix:relative.sock", "unix:/a b.sock", "unix:/x;y", "ftp://x:1", "host"):
-        with pytest.raises(ConfigError, match="micro-cache-listen"):
-            conf(bad)
+def test_x_accel_mode_caches_with_a_subrequest() -> None:
+    """nginx never caches an answer it acts on: with the micro-cache, X-Accel mode asks with
+    a cached subrequest, and sends each file with the type its record gives."""
+    out = server_block(CONFIG, NginxOptions(micro_cache=True))
+    assert "auth_request /_qp/auth;" in out and "proxy_cache qproxy_decisions;" in out
+    assert "/resolve/" not in out and "/_qp/local/" not in out
+    assert 'default_type "";' in out and "add_header Content-Type $qp_type;" in out
+    # Without it, X-Accel-Redirect; auth_request mode keeps its types by extension.
+    assert "/_qp/local/" in server_block(CONFIG, NginxOptions())
+    auth = server_block(CONFIG, NginxOptions(mode="auth_request", micro_cache=True))
+    assert "default_type application/octet-stream;" in auth and "$qp_type" not in auth
 
 
 # -- each location on its own ------------------------------------------------------------------
@@ -185,15 +182,11 @@ LOCATIONS = {
         ["client_body_in_file_only clean;", "X-QProxy-Body-File $request_body_file;"],
     ),
     "public x-accel": (
-        nginx.location_public_x_accel("/media/", micro=False),
+        nginx.location_public_x_accel("/media/"),
         ["location ^~ /media/", "proxy_pass http://qproxy_resolver/resolve/;", "Range"],
     ),
-    "public x-accel, micro-cache": (
-        nginx.location_public_x_accel("/media/", micro=True),
-        ["proxy_pass http://qproxy_decisions/resolve/;"],
-    ),
     "local": (
-        nginx.location_local(ROOT_DIR, cache=CACHE, micro=False),
+        nginx.location_local(ROOT_DIR, cache=CACHE),
         [
             "internal;",
             'alias "/srv/qproxy files/";',
@@ -202,10 +195,6 @@ LOCATIONS = {
             "max_ranges 16;",
             "disable_symlinks on from=$document_root;",
         ],
-    ),
-    "local, micro-cache": (
-        nginx.location_local(ROOT_DIR, cache=CACHE, micro=True),
-        ["open_file_cache max=10000 inactive=30s;"],
     ),
     "public auth_request": (
         nginx.location_public_auth("/media/", ROOT_DIR, cache=CACHE, micro=False),
@@ -216,6 +205,15 @@ LOCATIONS = {
             "max_ranges 16;",
             "disable_symlinks on from=$document_root;",
             "default_type application/octet-stream;",
+        ],
+    ),
+    "public auth_request, the record's types": (
+        nginx.location_public_auth("/media/", ROOT_DIR, cache=CACHE, micro=True, record_types=True),
+        [
+            "auth_request_set $qp_type $upstream_http_x_qp_content_type;",
+            'default_type "";',
+            "add_header Content-Type $qp_type;",
+            "open_file_cache max=10000 inactive=30s;",
         ],
     ),
     "auth": (
@@ -256,9 +254,8 @@ SUPPORT = """
 """
 
 
-def _alone(location: str, prefix: Path, *, hop: str = "") -> str:
+def _alone(location: str, prefix: Path) -> str:
     upstreams = nginx.upstreams("127.0.0.1:8000", "127.0.0.1:8300")
-    upstreams += hop or "upstream qproxy_decisions { server 127.0.0.1:8301; }\n"
     zone = nginx.micro_cache_zone(str(prefix / "cache"))
     support = "".join(
         line + "\n"
@@ -284,16 +281,6 @@ def test_each_location_alone_passes_nginx_t(prefix: Path, name: str) -> None:
     finally:
         shutil.rmtree(OFFLOAD.local_path, ignore_errors=True)
     assert result.returncode == 0, result.stderr + conf.read_text()
-
-
-def test_caching_hop_alone_passes_nginx_t(prefix: Path) -> None:
-    hop = nginx.caching_hop(f"unix:{prefix}/hop.sock")
-    assert "proxy_ignore_headers X-Accel-Redirect;" in hop
-    assert "keepalive_requests 100000;" in hop
-    conf = prefix / "nginx.conf"
-    conf.write_text(_alone("", prefix, hop=hop))
-    result = nginx_t(conf, prefix)
-    assert result.returncode == 0, result.stderr
 
 
 def test_offload_config_passes_nginx_t_on_a_fresh_root(prefix: Path) -> None:

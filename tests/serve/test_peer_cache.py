@@ -28,9 +28,10 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def cached(any_stack: Stack) -> Iterator[tuple[str, Stores, Stack]]:
-    """This node's nginx with --peer-cache (in the stack's mode), and another node."""
+@pytest.fixture(params=[False, True], ids=["", "micro-cache"])
+def cached(any_stack: Stack, request: pytest.FixtureRequest) -> Iterator[tuple[str, Stores, Stack]]:
+    """This node's nginx with --peer-cache (in the stack's mode, with and without the
+    micro-cache), and another node."""
     stack = any_stack
     name = f"nginx-peer-cache-{stack.mode}-{free_port()}"
     with tmpfs(stack.dir / name) as folder:
@@ -40,6 +41,7 @@ def cached(any_stack: Stack) -> Iterator[tuple[str, Stores, Stack]]:
             resolver=stack.url("resolver"),
             mode=stack.mode,
             peer_cache=str(folder),
+            micro_cache=request.param,
         )
         url = stack.add_nginx(name, full_config(stack.config, options))
         try:
@@ -100,8 +102,10 @@ def test_active_content_from_the_cache_is_still_an_attachment(
 
 
 def test_a_deleted_file_or_a_new_version_is_never_served_from_the_cache(
-    cached: tuple[str, Stores, Stack],
+    cached: tuple[str, Stores, Stack], request: pytest.FixtureRequest
 ) -> None:
+    if request.node.callspec.params["cached"]:
+        pytest.skip("with --micro-cache a deleted file may be served ~1 s more, by design")
     front, node2, _ = cached
     gone = put_local(node2, b"deleted soon")
     replaced = put_local(node2, b"version one")
