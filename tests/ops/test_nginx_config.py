@@ -304,3 +304,21 @@ def test_offload_config_passes_nginx_t_on_a_fresh_root(prefix: Path) -> None:
     conf.write_text(result.stdout)
     checked = nginx_t(conf, prefix)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_an_old_command_line_with_micro_cache_listen_still_works() -> None:
+    """X-Accel mode's micro-cache no longer has a second server to place: the option that
+    placed it is taken, and changes nothing."""
+
+    def run(*extra: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "qproxy", "nginx-config", "--micro-cache", *extra],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "QPROXY_LOCAL_ROOT": "/data/files"},
+        ).stdout  # fmt: skip
+
+    assert run("--micro-cache-listen", "unix:/run/nginx/qp-hop.sock") == run()
+    assert "--micro-cache-listen" not in subprocess.run(
+        [sys.executable, "-m", "qproxy", "nginx-config", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
