@@ -194,6 +194,15 @@ class Bench:
     def nginx(self, name: str, conf: str) -> str:
         return self.stack.add_nginx(name, conf)
 
+    def qproxy_nginx(self, name: str, **options: Any) -> str:
+        """Another nginx with the config ``qproxy nginx-config --full`` prints for the
+        stack's app and resolver (``options``: NginxOptions, e.g. mode, micro_cache)."""
+        from qproxy.ops.nginx import NginxOptions, full_config
+
+        defaults = {"app": self.stack.url("app"), "resolver": self.stack.url("resolver")}
+        opts = NginxOptions(listen="127.0.0.1:{port}", **{**defaults, **options})
+        return self.nginx(name, full_config(self.stack.config, opts))
+
     # -- measuring ----------------------------------------------------------------------
 
     def alternate(

@@ -20,7 +20,6 @@ from bench.common import (
     fmt,
 )
 from qproxy.compose import Stores
-from qproxy.ops.nginx import NginxOptions, full_config
 
 
 def resolve_rows(b: Bench) -> None:
@@ -34,41 +33,12 @@ def resolve_rows(b: Bench) -> None:
     stack.services["worker"].signal(signal.SIGSTOP)  # keep it local for this row
     try:
         xaccel = stack.front
-        auth = b.nginx(
-            "nginx-auth",
-            full_config(
-                stack.config,
-                NginxOptions(
-                    listen="127.0.0.1:{port}",
-                    app=stack.url("app"),
-                    resolver=stack.url("resolver"),
-                    mode="auth_request",
-                ),
-            ),
-        )
+        auth = b.qproxy_nginx("nginx-auth", mode="auth_request")
         bare = b.uvicorn("bare-resolver", "bench.apps:bare_resolver")
-        bare_ngx = b.nginx(
-            "nginx-bare",
-            full_config(
-                stack.config,
-                NginxOptions(listen="127.0.0.1:{port}", app=stack.url("app"), resolver=bare),
-            ),
-        )
+        bare_ngx = b.qproxy_nginx("nginx-bare", resolver=bare)
         static = b.nginx("nginx-static", NGINX_STATIC.replace("{root}", str(node_root) + "/"))
         micro = {
-            mode: b.nginx(
-                f"nginx-micro-{mode}",
-                full_config(
-                    stack.config,
-                    NginxOptions(
-                        listen="127.0.0.1:{port}",
-                        app=stack.url("app"),
-                        resolver=stack.url("resolver"),
-                        mode=mode,
-                        micro_cache=True,
-                    ),
-                ),
-            )
+            mode: b.qproxy_nginx(f"nginx-micro-{mode}", mode=mode, micro_cache=True)
             for mode in ("x-accel", "auth_request")
         }
         urls = {
@@ -212,50 +182,41 @@ def peer_serve_row(b: Bench) -> None:
         r = httpx.get(f"{stack.front}/media/{key}")
         assert r.content == data, (name, r.status_code, r.headers)
         assert r.headers.get("x-qproxy-source") == name, (name, r.headers)
-    b.alternate(
-        Row(
-            "serve 64 KiB held by another web node",
-            "req/s",
-            "peer (nginx -> resolver -> the peer's resolver)",
-            "local (nginx -> resolver -> this disk)",
-            target=">= 0.5x local",
-            target_ratio=0.5,
-        ),
-        lambda: b.wrk(f"{stack.front}/media/{keys['peer']}", seconds)["rps"],
-        lambda: b.wrk(f"{stack.front}/media/{keys['local']}", seconds)["rps"],
+
+    def against_local(what: str, candidate: str, front: str) -> None:
+        """The peer's file against this node's own, through the same nginx."""
+        b.alternate(
+            Row(
+                what,
+                "req/s",
+                candidate,
+                "local (nginx -> resolver -> this disk)",
+                target=">= 0.5x local",
+                target_ratio=0.5,
+            ),
+            lambda: b.wrk(f"{front}/media/{keys['peer']}", seconds)["rps"],
+            lambda: b.wrk(f"{front}/media/{keys['local']}", seconds)["rps"],
+        )
+
+    against_local(
+        "serve 64 KiB held by another web node",
+        "peer (nginx -> resolver -> the peer's resolver)",
+        stack.front,
     )
     # --peer-cache wants a filesystem of its own.
     folder = b.tmp / "peer-cache"
     folder.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=755", "tmpfs", str(folder)],
                    check=True)  # fmt: skip
-    cached = b.nginx(
-        "nginx-peer-cache",
-        full_config(
-            stack.config,
-            NginxOptions(
-                listen="127.0.0.1:{port}",
-                app=stack.url("app"),
-                resolver=stack.url("resolver"),
-                peer_cache=str(folder),
-            ),
-        ),
-    )
+    cached = b.qproxy_nginx("nginx-peer-cache", peer_cache=str(folder))
     for _ in range(2):
         r = httpx.get(f"{cached}/media/{keys['peer']}")
         assert r.content == data and r.headers.get("x-qproxy-source") == "peer", r.headers
     assert r.headers.get("x-qproxy-cache") == "HIT", r.headers
-    b.alternate(
-        Row(
-            "serve 64 KiB held by another web node, read again (--peer-cache)",
-            "req/s",
-            "peer, nginx --peer-cache (nginx -> resolver -> this node's copy)",
-            "local (nginx -> resolver -> this disk)",
-            target=">= 0.5x local",
-            target_ratio=0.5,
-        ),
-        lambda: b.wrk(f"{cached}/media/{keys['peer']}", seconds)["rps"],
-        lambda: b.wrk(f"{cached}/media/{keys['local']}", seconds)["rps"],
+    against_local(
+        "serve 64 KiB held by another web node, read again (--peer-cache)",
+        "peer, nginx --peer-cache (nginx -> resolver -> this node's copy)",
+        cached,
     )
     b.stop("nginx-peer-cache")
     subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -121,14 +121,7 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
     with other_node(stack) as node2:
         port = urlsplit(node2.config.node_url).port
         key = put_local(node2, b"bytes living on node 2")
-        page, image = generate_key("page.html"), generate_key("cat.png")
-        store(
-            node2,
-            [b"<script>alert(1)</script>"],
-            page,
-            {"filename": "page.html", "content_type": "text/html"},
-        )
-        store(node2, [b"\x89PNG"], image, {"filename": "cat.png", "content_type": "image/png"})
+        page, image = page_and_image(node2, b"<script>alert(1)</script>", "text/html")
         # Node 1's resolver says "peer"; node 1's nginx proxies from node 2's blob endpoint.
         if stack.mode == "x-accel":
             decision = httpx.get(f"{stack.url('resolver')}/resolve/{key}")
@@ -163,15 +156,16 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
         )
 
 
-def test_standalone_mode_shows_files_safely(stack: Stack, quiet_node: Stores) -> None:
+def page_and_image(node: Stores, active: bytes, active_type: str) -> tuple[str, str]:
+    """Two stored files: active content (a browser would run it), and a PNG."""
     page, image = generate_key("page.html"), generate_key("cat.png")
-    store(
-        quiet_node,
-        [b"<svg onload=alert(1)>"],
-        page,
-        {"filename": "x.svg", "content_type": "image/svg+xml"},
-    )
-    store(quiet_node, [b"\x89PNG"], image, {"filename": "cat.png", "content_type": "image/png"})
+    store(node, [active], page, {"filename": "page.html", "content_type": active_type})
+    store(node, [b"\x89PNG"], image, {"filename": "cat.png", "content_type": "image/png"})
+    return page, image
+
+
+def test_standalone_mode_shows_files_safely(stack: Stack, quiet_node: Stores) -> None:
+    page, image = page_and_image(quiet_node, b"<svg onload=alert(1)>", "image/svg+xml")
     for client in client_for(stack, QPROXY_STANDALONE="1"):
         svg = client.get(f"/media/{page}")
         assert svg.content == b"<svg onload=alert(1)>"
