@@ -86,8 +86,9 @@ class Config:
     multipart_max_age: float = 86400.0  # incomplete S3 multipart uploads aborted after this
     drop_grace_seconds: float = 5.0
     standalone: bool = False
-    # The resolver remembers records until Redis says they changed (client tracking)
-    record_cache: bool = True
+    # The resolver remembers records until Redis says they changed (client tracking); off:
+    # a change is then seen by the very next request, on: within Redis's invalidation delay
+    record_cache: bool = False
     raw_upload_paths: str = ""  # comma-separated globs, e.g. "/api/files/*,/upload/raw/*"
     upload_paths: str = ""  # comma-separated globs where uploads are taken; empty: every path
     private_prefixes: str = ""  # comma-separated globs over keys served only when signed
