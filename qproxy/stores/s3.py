@@ -317,8 +317,18 @@ class RemoteStore:
         return io.BufferedReader(_Body(answer["Body"]), 1024 * 1024)
 
     def delete(self, key: str) -> None:
+        """The object, and any upload of it still open: a run whose record was deleted
+        meanwhile, or a CreateMultipartUpload botocore sent again while S3 stalled (seen:
+        two uploads made, one completed, the other left with its parts for good)."""
+        okey = self.object_key(key)
         with s3_errors(f"delete of {key}"):
-            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+            self.client.delete_object(Bucket=self.bucket, Key=okey)
+            answer = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=okey)
+            for upload in answer.get("Uploads", []):
+                if upload["Key"] == okey:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=okey, UploadId=upload["UploadId"]
+                    )
 
     def partial_uploads(self) -> list[PartialUpload]:
         """Multipart uploads under the prefix that were started and never completed."""

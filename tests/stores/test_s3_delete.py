@@ -1,0 +1,38 @@
+"""Deleting an object takes its open uploads with it (moto's S3 server, the session stack)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import boto3
+
+from qproxy.dev.devstack import Stack
+from qproxy.stores.s3 import RemoteStore
+
+
+def test_a_delete_aborts_the_uploads_of_the_object_left_open(stack: Stack) -> None:
+    """A CreateMultipartUpload botocore sent twice while S3 stalled leaves a second upload
+    nobody completes: its parts would stay, billed, until a lifecycle rule. A delete of the
+    object (a deleted record, a run that lost its lease) aborts them; other objects' stay."""
+    remote = RemoteStore(stack.config)
+    name, other = f"del/{os.urandom(4).hex()}.bin", f"del/{os.urandom(4).hex()}.bin"
+    data = b"x" * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    remote.store(name, io.BytesIO(data), size=1000, sha256=sha, content_type="text/plain")
+    client = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    bucket = stack.config.s3_bucket
+    for key in (name, name, other):
+        client.create_multipart_upload(Bucket=bucket, Key=remote.object_key(key))
+
+    def open_uploads() -> list[str]:
+        answer = client.list_multipart_uploads(Bucket=bucket, Prefix="del/")
+        return sorted(u["Key"] for u in answer.get("Uploads", []))
+
+    assert open_uploads() == sorted([name, name, other])
+    remote.delete(name)
+    assert open_uploads() == [other]
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=name)
+    remote.delete(other)
+    assert open_uploads() == []
