@@ -52,20 +52,32 @@ def serving(
 
 
 @contextlib.contextmanager
-def other_node(stack: Stack) -> Iterator[Stores]:
+def other_node(stack: Stack, *, via_nginx: bool = False) -> Iterator[Stores]:
     """A second web node on the stack's Redis and S3 for the block: its own disk and its own
-    resolver (a real process), which its records point at. Its queue sends nothing."""
+    resolver (a real process), which its records point at; ``via_nginx``: its own nginx
+    too (the shipped config), where its records point then (QPROXY_NODE_URL). Its queue
+    sends nothing."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    nginx_port = free_port() if via_nginx else 0
+    url = f"http://127.0.0.1:{nginx_port or port}"
     root = stack.dir / f"node2-{port}-files"
-    node = Stores(
-        stack.config.replace(local_root=str(root), node_id="node-2", node_url=url),
-        queue=NoQueue(),
-    )
+    config = stack.config.replace(local_root=str(root), node_id="node-2", node_url=url)
+    node = Stores(config, queue=NoQueue())
     node.local.ensure()
     env = {"QPROXY_LOCAL_ROOT": str(root), "QPROXY_NODE_ID": "node-2", "QPROXY_NODE_URL": url}
-    with serving(stack, f"resolver-node2-{port}", RESOLVER, "/healthz", env, port):
-        yield node
+    with serving(stack, f"resolver-node2-{port}", RESOLVER, "/healthz", env, port) as resolver:
+        if not via_nginx:
+            yield node
+            return
+        from qproxy.ops.nginx import NginxOptions, full_config
+
+        options = NginxOptions(listen="127.0.0.1:{port}", app=stack.url("app"), resolver=resolver)
+        name = f"nginx-node2-{nginx_port}"
+        stack.add_nginx(name, full_config(config, options), port=nginx_port)
+        try:
+            yield node
+        finally:
+            stack.services.pop(name).stop()
 
 
 @contextlib.contextmanager

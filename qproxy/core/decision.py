@@ -23,6 +23,8 @@ from qproxy.headers import content_disposition
 
 LOCAL_PREFIX = "/_qp/local/"
 PEER_PREFIX = "/_qp/peer/"
+# Where a node's nginx sends a file of its own that another node asked for.
+BLOB_PREFIX = "/_qp/blob/"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # How long nginx's micro-cache (``qproxy nginx-config --micro-cache``) may reuse an answer,

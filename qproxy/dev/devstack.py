@@ -362,10 +362,10 @@ class Stack:
     def start_nginx(self) -> None:
         self._run_nginx("nginx", self.nginx_conf(), self.url("nginx"))
 
-    def add_nginx(self, name: str, conf_text: str) -> str:
+    def add_nginx(self, name: str, conf_text: str, port: int = 0) -> str:
         """Another nginx beside the stack's (benchmarks, other modes); ``{port}`` in the text
-        becomes a free port. Returns its URL."""
-        port = free_port()
+        becomes a free port (or ``port``). Returns its URL."""
+        port = port or free_port()
         conf = self._nginx_prefix(name, conf_text.replace("{port}", str(port)))
         url = f"http://127.0.0.1:{port}"
         self._run_nginx(name, conf, url)

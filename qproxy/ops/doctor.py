@@ -340,7 +340,8 @@ def check_node_url(config: Config) -> Check:
         return Check(
             "node url",
             "warn",
-            f"{url} answered {answer.status_code}: is it this node's qproxy resolver?",
+            f"{url} answered {answer.status_code}: is it this node's qproxy resolver (or its "
+            "nginx, with the config `qproxy nginx-config` prints)?",
         )
     peers = f"; {len(others)} other node(s) registered" if others else ""
     return Check("node url", "ok", f"{url} reachable{peers}")

@@ -15,7 +15,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from qproxy.config import DEFAULT_INLINE_TYPES, Config
-from qproxy.core.decision import MAX_RANGES, MEDIA_CSP, NOSNIFF
+from qproxy.core.decision import BLOB_PREFIX, MAX_RANGES, MEDIA_CSP, NOSNIFF
 from qproxy.errors import ConfigError
 from qproxy.headers import OFFLOAD_FILE_HEADER, OFFLOAD_TOKEN_HEADER, offload_token
 
@@ -597,6 +597,31 @@ def location_retry(token: str = "") -> str:
 
 # A peer that does not answer: how long nginx waits to connect, and between two reads (the
 # read timeout measures progress, not the whole answer).
+def location_blob(root: str) -> str:
+    """This node's files for the other nodes (their nginx, their workers), at the URLs
+    their resolvers signed: this node's resolver checks each, nginx sends the bytes."""
+    return (
+        _lines(
+            I1,
+            "# This node's files for other nodes and the workers (QPROXY_NODE_URL may name this",
+            "# nginx): the resolver checks the signed URL, nginx sends the file (Range, HEAD,",
+            "# ETag and 304 as for a local file).",
+        )
+        + _location(
+            "^~ /internal/blob/",
+            _lines(I2, "proxy_pass http://qproxy_resolver;"),
+            _proxy_common(I2),
+            _resolver_headers(I2),
+            _lines(I2, "proxy_set_header X-QP-Blob-Send 1;"),
+        )
+        + _location(
+            f"^~ {BLOB_PREFIX}",
+            _lines(I2, "internal;", f"alias {_quote(root)};"),
+            _file_answer(),
+        )
+    )
+
+
 PEER_CONNECT_TIMEOUT = 2
 PEER_READ_TIMEOUT = 10
 PEER_RETRY_AFTER = 5
@@ -713,7 +738,14 @@ def server_block(config: Config, options: NginxOptions) -> str:
             location_remote(),
             "\n",
         ]
-    out += [location_retry(token), "\n", location_peer(cache=bool(options.peer_cache)), "}\n"]
+    out += [
+        location_retry(token),
+        "\n",
+        location_peer(cache=bool(options.peer_cache)),
+        "\n",
+        location_blob(root),
+        "}\n",
+    ]
     return "".join(out)
 
 

@@ -35,6 +35,7 @@ from qproxy.config import Config
 from qproxy.core import decision as render
 from qproxy.core import tus
 from qproxy.core.decision import (
+    BLOB_PREFIX,
     FORBIDDEN,
     MAX_RANGES,
     MEDIA_CSP,
@@ -528,6 +529,13 @@ class Resolver:
         path = self.stores.local.path_for(key)
         if not self.stores.local.exists(key):  # (a link is no stored file)
             return PlainTextResponse("not found\n", status_code=404)
+        if request.headers.get("x-qp-blob-send") == "1":
+            # Asked by this node's nginx (its /internal/blob/ location): it sends the bytes
+            # itself, with Range, HEAD, ETag and 304 (measured: see README, peer serving).
+            sent = {"X-Accel-Redirect": BLOB_PREFIX + quote(key, safe="/")}
+            if shown.disposition:
+                sent["Content-Disposition"] = shown.disposition
+            return Response(b"", media_type=shown.content_type, headers=sent)
         try:
             stat = os.stat(path)  # (a local disk's inode: as quick as the check above)
         except FileNotFoundError:

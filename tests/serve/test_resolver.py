@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -114,11 +115,12 @@ def test_a_blob_url_is_revoked_by_a_delete_or_a_newer_upload(
         assert client.get(v2_url).content == b"version two"
 
 
-def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> None:
+@pytest.mark.parametrize("node_url", ["resolver", "nginx"])
+def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack, node_url: str) -> None:
     stack = any_stack
     quiet_node = Stores(stack.config, queue=NoQueue())
-    # A second node: its own disk and resolver; its record points at it.
-    with other_node(stack) as node2:
+    # A second node: its own disk and resolver (and nginx); its record points at one.
+    with other_node(stack, via_nginx=node_url == "nginx") as node2:
         port = urlsplit(node2.config.node_url).port
         key = put_local(node2, b"bytes living on node 2")
         page, image = page_and_image(node2, b"<script>alert(1)</script>", "text/html")
@@ -154,6 +156,42 @@ def test_a_file_on_another_node_is_proxied_through_nginx(any_stack: Stack) -> No
         assert httpx.get(f"{stack.files_url}/media/{key}", follow_redirects=True).content == (
             b"bytes living on node 2"
         )
+
+
+def test_a_nodes_nginx_sends_its_files_to_the_others(stack: Stack) -> None:
+    """QPROXY_NODE_URL at a node's nginx: its resolver checks each signed URL and its nginx
+    sends the file, as it does a local one (type, Range, HEAD, 304), revoked as the
+    resolver revokes, never through a link, and its internal location closed to clients."""
+    with other_node(stack, via_nginx=True) as node2:
+        base, secret = node2.config.node_url, node2.config.secret
+        data = os.urandom(200_000)
+        key = put_local(node2, data)
+        url = f"{base}/internal/blob/{key}?{signed_query(secret, key)}"
+        got = httpx.get(url)
+        assert got.status_code == 200 and got.content == data
+        assert got.headers["content-type"] == "application/octet-stream"
+        assert got.headers["content-disposition"].startswith("attachment")
+        assert got.headers["x-content-type-options"] == "nosniff"
+        assert got.headers["content-security-policy"].endswith("sandbox")
+        assert "x-accel-redirect" not in got.headers
+        part = httpx.get(url, headers={"Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.content == data[10:20]
+        head = httpx.head(url)
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(data))
+        again = httpx.get(url, headers={"If-None-Match": got.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
+        assert httpx.get(f"{base}/internal/blob/{key}").status_code == 403
+        assert httpx.get(f"{base}/_qp/blob/{key}").status_code == 404
+        # A link where a file was: not sent, though the URL is signed and the record live.
+        linked = put_local(node2, b"replaced by a link")
+        path = node2.local.path_for(linked)
+        path.unlink()
+        path.symlink_to(node2.local.path_for(key))
+        linked_url = f"{base}/internal/blob/{linked}?{signed_query(secret, linked)}"
+        assert httpx.get(linked_url).status_code == 404
+        assert delete(node2, key)
+        assert node2.local.exists(key)  # (the janitor drops it later)
+        assert httpx.get(url).status_code == 404
 
 
 def page_and_image(node: Stores, active: bytes, active_type: str) -> tuple[str, str]:
