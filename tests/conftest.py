@@ -65,19 +65,27 @@ def other_node(stack: Stack, *, via_nginx: bool = False) -> Iterator[Stores]:
     node = Stores(config, queue=NoQueue())
     node.local.ensure()
     env = {"QPROXY_LOCAL_ROOT": str(root), "QPROXY_NODE_ID": "node-2", "QPROXY_NODE_URL": url}
-    with serving(stack, f"resolver-node2-{port}", RESOLVER, "/healthz", env, port) as resolver:
-        if not via_nginx:
-            yield node
-            return
-        from qproxy.ops.nginx import NginxOptions, full_config
+    try:
+        with serving(stack, f"resolver-node2-{port}", RESOLVER, "/healthz", env, port) as resolver:
+            if not via_nginx:
+                yield node
+                return
+            from qproxy.ops.nginx import NginxOptions, full_config
 
-        options = NginxOptions(listen="127.0.0.1:{port}", app=stack.url("app"), resolver=resolver)
-        name = f"nginx-node2-{nginx_port}"
-        stack.add_nginx(name, full_config(config, options), port=nginx_port)
-        try:
-            yield node
-        finally:
-            stack.services.pop(name).stop()
+            options = NginxOptions(
+                listen="127.0.0.1:{port}", app=stack.url("app"), resolver=resolver
+            )
+            name = f"nginx-node2-{nginx_port}"
+            stack.add_nginx(name, full_config(config, options), port=nginx_port)
+            try:
+                yield node
+            finally:
+                stack.services.pop(name).stop()
+    finally:
+        # Gone, as `qproxy drain` leaves (its resolver registered it): the stack is one
+        # node again for the tests after (`qproxy doctor` fails a loopback node URL when
+        # other nodes are registered).
+        node.state.deregister_node("node-2")
 
 
 @contextlib.contextmanager
