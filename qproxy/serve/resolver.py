@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate, parsedate_to_datetime
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import anyio.to_thread
 from starlette.requests import Request
@@ -165,7 +165,8 @@ class Resolver:
         public = self._standalone_file if self.standalone else self._public
         # The status page asks for the admin token itself (and takes POSTs: a retry).
         self._admin: Handler = StatusPage(self.stores)
-        self._blob_handler: Handler = request_response(self.blob)
+        self._blob_file: Handler = request_response(self.blob)
+        self._blob_handler: Handler = self._blob
         self._prefixes: list[tuple[str, Handler]] = [
             ("/admin/", self._admin),
             ("/resolve/", self._resolve),
@@ -498,44 +499,72 @@ class Resolver:
             return JSONResponse({"error": "not found", "key": key}, status_code=404)
         return JSONResponse(record.as_dict())
 
-    async def blob(self, request: Request) -> Response:
-        """A local file for another node's worker or nginx, behind a signed, expiring URL
-        for one version of the key: a delete or a newer upload revokes it at once."""
-        key = request.scope["path"][len("/internal/blob/") :]
-        q = request.query_params
+    async def _blob(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``/internal/blob/``. Asked by this node's nginx (its /internal/blob/ location sets
+        X-QP-Blob-Send): where nginx finds the file, which it sends itself (it refuses a
+        link and answers 404 for a file gone). Asked directly: :meth:`blob` sends it."""
+        for name, value in scope["headers"]:
+            if name == b"x-qp-blob-send" and value == b"1":
+                break
+        else:
+            await self._blob_file(scope, receive, send)
+            return
+        key = scope["path"][len("/internal/blob/") :]
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        status, shown = await self.blob_verdict(key, query)
+        if status == 403:
+            await _send(send, *_FORBIDDEN)
+            return
+        if status != 200:
+            await _send(send, *render.MISSING_ANSWER)
+            return
+        headers: render.RawHeaders = [
+            (b"content-length", b"0"),
+            (b"content-type", shown.content_type.encode("latin-1", "replace")),
+            (b"x-accel-redirect", (BLOB_PREFIX + quote(key, safe="/")).encode("latin-1")),
+        ]
+        if shown.disposition:
+            headers.append((b"content-disposition", shown.disposition.encode("latin-1")))
+        await _send(send, 200, headers, b"")
+
+    async def blob_verdict(self, key: str, query: Mapping[str, str]) -> tuple[int, Shown]:
+        """Whether the blob URL for ``key`` with ``query`` may be served (200, and how the
+        file is shown), 403 (no valid signature) or 404: a signed, expiring URL for one
+        version of the key, which a delete or a newer upload revokes at once."""
         try:
             validate_key(key)
         except InvalidKey:
-            return PlainTextResponse("not found\n", status_code=404)
-        version = q.get("v", "")
+            return 404, UNKNOWN
+        version = query.get("v", "")
         if not version.isdigit() or not check_signature(
-            self.config.secret, key, q.get("exp", ""), q.get("sig", ""), scope=f"v{version}"
+            self.config.secret, key, query.get("exp", ""), query.get("sig", ""), scope=f"v{version}"
         ):
-            return PlainTextResponse("forbidden\n", status_code=403)
-        shown = UNKNOWN
+            return 403, UNKNOWN
         # No thread hops: a peer's nginx asks for every byte its clients get from this
         # node, and under load a hop per request cost most of the time (make bench,
         # "serve 64 KiB held by another web node"; the blob URL alone: 3.0k -> 8.9k req/s).
         try:
             record = await self.reader.get(key)
         except StateUnavailable:
-            record = None  # Redis down: the signature alone vouches (for minutes at most)
-        else:
-            if record is None or record.state in ("deleted", "pending"):
-                return PlainTextResponse("not found\n", status_code=404)
-            if record.version != int(version):
-                return PlainTextResponse("not found\n", status_code=404)
-            shown = shown_as(record.content_type, record.filename, inline_types=self.inline_types)
+            return 200, UNKNOWN  # Redis down: the signature alone vouches (minutes at most)
+        if record is None or record.state in ("deleted", "pending"):
+            return 404, UNKNOWN
+        if record.version != int(version):
+            return 404, UNKNOWN
+        return 200, shown_as(record.content_type, record.filename, inline_types=self.inline_types)
+
+    async def blob(self, request: Request) -> Response:
+        """A local file for another node's worker or nginx (:meth:`blob_verdict`), sent by
+        the resolver itself."""
+        key = request.scope["path"][len("/internal/blob/") :]
+        status, shown = await self.blob_verdict(key, request.query_params)
+        if status == 403:
+            return PlainTextResponse("forbidden\n", status_code=403)
+        if status != 200:
+            return PlainTextResponse("not found\n", status_code=404)
         path = self.stores.local.path_for(key)
         if not self.stores.local.exists(key):  # (a link is no stored file)
             return PlainTextResponse("not found\n", status_code=404)
-        if request.headers.get("x-qp-blob-send") == "1":
-            # Asked by this node's nginx (its /internal/blob/ location): it sends the bytes
-            # itself, with Range, HEAD, ETag and 304 (measured: see README, peer serving).
-            sent = {"X-Accel-Redirect": BLOB_PREFIX + quote(key, safe="/")}
-            if shown.disposition:
-                sent["Content-Disposition"] = shown.disposition
-            return Response(b"", media_type=shown.content_type, headers=sent)
         try:
             stat = os.stat(path)  # (a local disk's inode: as quick as the check above)
         except FileNotFoundError:
