@@ -22,7 +22,7 @@ from qproxy.config import Config
 from qproxy.dev.devstack import AWS_TEST_ENV, Stack, free_port
 from qproxy.keys import generate_key
 from qproxy.lifecycle.files import store
-from qproxy.ops.nginx import find_nginx
+from qproxy.ops.nginx import NginxOptions, find_nginx, full_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_UPLOAD = 20 * 1024 * 1024
@@ -70,8 +70,6 @@ def other_node(stack: Stack, *, via_nginx: bool = False) -> Iterator[Stores]:
             if not via_nginx:
                 yield node
                 return
-            from qproxy.ops.nginx import NginxOptions, full_config
-
             options = NginxOptions(
                 listen="127.0.0.1:{port}", app=stack.url("app"), resolver=resolver
             )
