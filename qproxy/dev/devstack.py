@@ -9,7 +9,9 @@ Every process gets its own process group, so stopping the stack leaves nothing b
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -38,10 +40,52 @@ class StackError(RuntimeError):
     """A part of the stack did not start."""
 
 
+# free_port()'s ports: below the kernel's ephemeral range, in a share of their own for each
+# pytest-xdist worker (slot 0: any other process).
+_PORTS_FROM = 10_000
+_PORT_SLOTS = 8
+_handed_out: set[int] = set()
+_next_port = itertools.count(secrets.randbelow(1 << 16))
+
+
+def _port_share() -> range:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        ephemeral = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    top = max(ephemeral, _PORTS_FROM + _PORT_SLOTS * 100)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    slot = int(worker[2:]) + 1 if worker[:2] == "gw" and worker[2:].isdigit() else 0
+    width = (top - _PORTS_FROM) // _PORT_SLOTS
+    start = _PORTS_FROM + slot % _PORT_SLOTS * width
+    return range(start, start + width)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on, not handed out before by this process.
+
+    Not the kernel's ``bind(0)``: a port it gives is free again once the probe closes, so
+    two calls before either service binds can get the same one (seen: S3 and the app of
+    one stack on one port, the app's requests answered by moto), and an outgoing
+    connection may take it meanwhile. These come from below the ephemeral range, from a
+    share of their own for each xdist worker, and each only once while the share lasts.
+    """
+    share = _port_share()
+    if len(_handed_out) >= len(share):
+        _handed_out.clear()  # a share used up: ports of stacks long stopped are free again
+    for _ in range(len(share)):
+        port = share[next(_next_port) % len(share)]
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): someone else's
+        _handed_out.add(port)
+        return port
+    raise StackError(f"no free port in {share.start}-{share.stop - 1}")
 
 
 def find_redis() -> str | None:
