@@ -54,6 +54,7 @@ FIELDS = {
     "meta": "M",
     "private": "P",
     "keep": "k",
+    "local_id": "i",
 }
 _SHORT = {name.encode(): short.encode() for name, short in FIELDS.items()}
 
@@ -97,6 +98,10 @@ class FileRecord:
     keep: float | None = None
     stale: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    # Which file on the origin's disk this version is (inode and mtime, see
+    # qproxy.stores.local.identity): its janitor removes that file only, never a newer one
+    # saved under the name whose record is not written yet.
+    local_id: str = ""
 
     @classmethod
     def from_hash(cls, key: str, raw: Mapping[bytes, bytes]) -> FileRecord:
@@ -132,6 +137,7 @@ class FileRecord:
             meta=json.loads(meta) if meta else {},
             private=get(b"P", b"0") == b"1",
             keep=float(keep) if keep else None,
+            local_id=get(b"i", b"").decode(),
         )
 
     @property

@@ -77,7 +77,7 @@ def commit(
     """
     config = stores.config
     try:
-        stores.local.commit(temp, key)
+        local_id = stores.local.commit(temp, key)
     except BaseException:
         temp.discard()  # (a planted link, a full disk: nothing is left behind)
         raise
@@ -87,6 +87,7 @@ def commit(
         "size": temp.size,
         "sha256": temp.sha256,
         "has_local": True,
+        "local_id": local_id,
         **fields,
     }
     if not enqueue:
@@ -171,6 +172,7 @@ def restore(stores: Stores, key: str, entry: dict[str, Any], *, replace: bool = 
             "meta",
             "private",
             "keep",
+            "local_id",
         )
         if name in entry
     }

@@ -3,6 +3,12 @@
 Files are written to ``<root>/.qp/tmp/`` while the request is running (state ``pending``),
 then renamed to ``<root>/<key>`` when the app accepts them. Files are 0644 and folders 0755
 whatever the umask: nginx, started as root, reads them as ``nobody``.
+
+Placing a file and removing one hold a lock of the key's stripe (``<root>/.qp/locks/``,
+``flock``): shared by writers, exclusive for a removal that names the very file it removes
+(its :func:`identity`). The janitor's record may be older than the disk (a file saved
+again under a deleted name, its record not written yet): it removes only the file that
+record describes.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +25,7 @@ import re
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
@@ -47,6 +55,15 @@ _NODE_RE = re.compile(r"[^A-Za-z0-9._-]")
 # link would make uploads land outside the root, or serve what it points to).
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+# Read-only is enough for flock, and lets a janitor of another user take a writer's lock.
+_LOCK_FILE = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+LOCK_STRIPES = 64
+
+
+def identity(info: os.stat_result) -> str:
+    """Which file this is, not only which name: inode and modification time. A file saved
+    again under the same name is another inode (written beside it, renamed over it)."""
+    return f"{info.st_ino:x}.{info.st_mtime_ns:x}"
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -272,7 +289,7 @@ class LocalStore:
         if self._ready:
             return
         _makedir(self.root)
-        for parts in ((PRIVATE,), (PRIVATE, "tmp"), (PRIVATE, "journal")):
+        for parts in ((PRIVATE,), (PRIVATE, "tmp"), (PRIVATE, "journal"), (PRIVATE, "locks")):
             os.close(self._folder(parts, create=True))
         self._ready = True
 
@@ -323,6 +340,23 @@ class LocalStore:
         """A handle of ``key``'s folder and the file's name in it."""
         parts = validate_key(key).split("/")
         return self._folder(parts[:-1], create=create), parts[-1]
+
+    @contextlib.contextmanager
+    def _locked(self, key: str, how: int) -> Iterator[None]:
+        """Hold ``key``'s stripe lock (``fcntl.LOCK_SH`` or ``LOCK_EX``). The lock file is
+        opened here, not kept: a lock taken on a descriptor a forked process shares would
+        be another process's too."""
+        folder = self._folder((PRIVATE, "locks"), create=True)
+        try:
+            stripe = f"{zlib.crc32(key.encode()) % LOCK_STRIPES:02x}"
+            fd = os.open(stripe, _LOCK_FILE, FILE_MODE, dir_fd=folder)
+        finally:
+            os.close(folder)
+        try:
+            fcntl.flock(fd, how)
+            yield
+        finally:
+            os.close(fd)  # (and the lock with it)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -380,23 +414,52 @@ class LocalStore:
                 os.unlink(dest)
             raise
 
-    def commit(self, temp: TempFile, key: str) -> Path:
-        """Move a closed temp file to its key's path, durably."""
-        path = self.path_for(key)
+    def commit(self, temp: TempFile, key: str) -> str:
+        """Move a closed temp file to its key's path, durably. Returns the file's
+        :func:`identity`, for :meth:`remove`'s ``expect``."""
+        self.path_for(key)
         try:
-            src = self._folder((PRIVATE, "tmp"))
-            try:
-                dst, name = self._parent(key, create=True)
+            with self._locked(key, fcntl.LOCK_SH):
+                src = self._folder((PRIVATE, "tmp"))
                 try:
-                    os.replace(temp.path.name, name, src_dir_fd=src, dst_dir_fd=dst)
-                    os.fsync(dst)
+                    ident = identity(os.stat(temp.path.name, dir_fd=src, follow_symlinks=False))
+                    self._place(src, temp.path.name, key)
                 finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
+                    os.close(src)
         except OSError as exc:
             raise _storage_error(exc) from exc
-        return path
+        return ident
+
+    def _place(self, src: int, temp_name: str, key: str) -> None:
+        for attempt in range(3):
+            try:
+                dst, name = self._parent(key, create=True)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                continue  # a folder made, then tidied away by a removal: made again
+            try:
+                os.replace(temp_name, name, src_dir_fd=src, dst_dir_fd=dst)
+                os.fsync(dst)
+                return
+            except FileNotFoundError:
+                # The folder emptied and removed since it was opened (the janitor removing
+                # its last file), or the temp file gone: only the first is worth another go.
+                if attempt == 2 or not _exists(temp_name, src):
+                    raise
+            finally:
+                os.close(dst)
+
+    def identity(self, key: str) -> str:
+        """The :func:`identity` of the file stored under ``key`` (FileNotFoundError if none)."""
+        folder, name = self._parent(key)
+        try:
+            info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        finally:
+            os.close(folder)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileNotFoundError(key)
+        return identity(info)
 
     def exists(self, key: str) -> bool:
         """A regular file (not a link, not a folder) is stored under ``key``."""
@@ -433,15 +496,22 @@ class LocalStore:
             os.close(folder)
         return os.fdopen(fd, "rb")
 
-    def remove(self, key: str) -> bool:
-        """Delete the local copy of ``key``; True if a file was removed."""
+    def remove(self, key: str, *, expect: str = "") -> bool:
+        """Delete the local copy of ``key``; True if a file was removed. With ``expect`` (the
+        :func:`identity` :meth:`commit` returned), only that very file: another one under
+        the name (saved again since) is left where it is."""
         parts = validate_key(key).split("/")
         try:
             folder = self._folder(parts[:-1])
         except FileNotFoundError:
             return False
         try:
-            os.unlink(parts[-1], dir_fd=folder)  # (unlink never follows a link)
+            with self._locked(key, fcntl.LOCK_EX):  # no file placed meanwhile
+                if expect:
+                    info = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)
+                    if identity(info) != expect:
+                        return False
+                os.unlink(parts[-1], dir_fd=folder)  # (unlink never follows a link)
         except FileNotFoundError:
             return False
         finally:
@@ -559,6 +629,14 @@ class Journal:
                     yield json.loads(line)
                 except ValueError:
                     continue  # a torn last line after a crash
+
+
+def _exists(name: str, folder: int) -> bool:
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _makedir(path: Path) -> None:

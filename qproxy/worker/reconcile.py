@@ -62,6 +62,7 @@ def reconcile(stores: Stores) -> ReconcileReport:
             "content_type": head.content_type,
             "meta": entry.get("meta", {}),
             "has_local": has_local,
+            "local_id": stores.local.identity(key) if has_local else "",
             "has_remote": True,
             "remote_at": time.time(),
         }
@@ -92,6 +93,7 @@ def reconcile(stores: Stores) -> ReconcileReport:
             "node_url": stores.config.node_url,
             "size": size,
             "sha256": _sha256(stores, key),
+            "local_id": stores.local.identity(key),
         }
         if restore(stores, key, entry):
             report.from_disk += 1

@@ -294,12 +294,16 @@ def drop_local_copies(stores: Stores, *, now: float | None = None, limit: int = 
     removed = 0
     for key in state.due_drops(stores.config.node_id, now=now, limit=limit):
         record = state.get(key)
-        if record is not None and record.state not in ("remote", "deleted"):
+        if record is None or record.state not in ("remote", "deleted"):
             # Re-uploaded under the same key since: the new local file is the only copy.
+            # (No record: already marked by another janitor, or its file saved again and
+            # the new record not written yet.)
             state.drop_done(stores.config.node_id, key, None)
             continue
         try:
-            if stores.local.remove(key):
+            # Only the file this record describes: one saved again under the name since,
+            # its record not written yet (a Redis blip), is the only copy of that one.
+            if stores.local.remove(key, expect=record.local_id):
                 removed += 1
         except (OSError, QProxyError) as exc:
             log.warning("qproxy janitor: cannot remove %s: %s", key, exc)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -136,3 +138,55 @@ def test_commit_open_remove_round_trip(tmp_path: Path) -> None:
     assert store.remove("2026/12/01/a.txt")
     assert not (store.root / "2026").exists()  # empty date folders tidied
     assert not store.remove("2026/12/01/a.txt")
+
+
+def test_a_removal_naming_a_file_leaves_a_newer_one_saved_under_its_name(tmp_path: Path) -> None:
+    store, _ = _store(tmp_path)
+    key = "2026/12/01/site.css"
+    old = store.commit(_temp(store, b"old"), key)
+    new = store.commit(_temp(store, b"new"), key)  # saved again: another file
+    assert old != new and store.identity(key) == new
+    assert not store.remove(key, expect=old)  # what a janitor with an old record asks
+    with store.open(key) as fh:
+        assert fh.read() == b"new"
+    assert store.remove(key, expect=new)
+    assert not store.exists(key)
+
+
+def test_a_removal_waits_for_a_file_being_placed_under_its_name(tmp_path: Path) -> None:
+    """The janitor checks which file is there, then unlinks: a writer's rename between the
+    two would lose the new file. The writer's placing holds the key's lock."""
+    store, _ = _store(tmp_path)
+    key = "2026/12/01/site.css"
+    old = store.commit(_temp(store, b"old"), key)
+    newer = _temp(store, b"new")
+    removed: list[bool] = []
+    janitor = threading.Thread(target=lambda: removed.append(store.remove(key, expect=old)))
+    with store._locked(key, fcntl.LOCK_SH):  # a writer, between its checks and its rename
+        janitor.start()
+        janitor.join(0.3)
+        assert janitor.is_alive() and removed == []  # held off
+        os.replace(newer.path, store.path_for(key))  # the writer's rename
+    janitor.join(10)
+    assert removed == [False]
+    with store.open(key) as fh:
+        assert fh.read() == b"new"
+
+
+def test_committing_into_a_folder_the_janitor_just_tidied_away(tmp_path: Path) -> None:
+    """The janitor removes a date folder's last file and the folder with it while a writer
+    has that folder open for its rename: the writer makes it again."""
+    store, _ = _store(tmp_path)
+    store.commit(_temp(store, b"first"), "2026/12/01/a.txt")
+    real_parent = store._parent
+
+    def parent_then_tidied(key: str, *, create: bool = False) -> tuple[int, str]:
+        found = real_parent(key, create=create)
+        if key.endswith("b.txt") and store.exists("2026/12/01/a.txt"):
+            assert store.remove("2026/12/01/a.txt")  # removes 2026/12/01, 2026/12, 2026
+        return found
+
+    store._parent = parent_then_tidied  # type: ignore[method-assign]
+    store.commit(_temp(store, b"second"), "2026/12/01/b.txt")
+    with store.open("2026/12/01/b.txt") as fh:
+        assert fh.read() == b"second"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from qproxy.compose import Stores
 from qproxy.config import Config
-from qproxy.dev.devstack import Stack
+from qproxy.dev.devstack import Stack, free_port
 from qproxy.errors import KeyExists, LeaseLost, TransferRetry, VerificationFailed
 from qproxy.lifecycle.files import delete
 from qproxy.stores.s3 import RemoteStore
@@ -282,6 +283,35 @@ def test_a_late_purge_never_removes_a_new_upload_of_the_name(quiet_node: Stores)
     drop_local_copies(quiet_node)
     with quiet_node.local.open(key) as fh:
         assert fh.read() == b"new bytes"
+
+
+def test_the_janitor_leaves_a_file_saved_again_whose_record_is_not_written_yet(
+    quiet_node: Stores,
+) -> None:
+    """Deleted, then saved again under its name while Redis did not answer that writer: the
+    new file is on disk and in the journal only. The janitor, due to drop the deleted
+    version's copy, must not take the new one (seen in CI: collectstatic's delete then
+    save, the transfer then failing on a missing file), and reconcile brings its record."""
+    from qproxy.worker.reconcile import reconcile
+    from qproxy.worker.sweep import drop_local_copies
+
+    key = put_local(quiet_node, b"body { color: red }")
+    assert delete(quiet_node, key)
+    cut_off = Stores(
+        dataclasses.replace(quiet_node.config, redis_url=f"redis://127.0.0.1:{free_port()}/0"),
+        queue=NoQueue(),
+    )
+    put_local(cut_off, b"body { color: blue }", key=key)  # on disk; Redis never heard
+    record = quiet_node.state.get(key)
+    assert record is not None and record.state == "deleted"  # what the janitor reads
+    drop_local_copies(quiet_node)
+    with quiet_node.local.open(key) as fh:
+        assert fh.read() == b"body { color: blue }"
+    assert reconcile(quiet_node).from_journal == 1
+    restored = quiet_node.state.get(key)
+    assert restored is not None and restored.state in ("local", "queued")
+    assert restored.local_id == quiet_node.local.identity(key)
+    assert transfer(quiet_node, key) == "remote"
 
 
 def test_janitor_losing_a_race_to_purge_still_lets_the_record_go(quiet_node: Stores) -> None:
