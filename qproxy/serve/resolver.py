@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate, parsedate_to_datetime
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import anyio.to_thread
@@ -49,7 +50,7 @@ from qproxy.core.decision import (
     should_ask_s3,
     shown_as,
 )
-from qproxy.core.record import State
+from qproxy.core.record import FileRecord, State
 from qproxy.errors import ConfigError, InvalidKey, QProxyError, StateUnavailable
 from qproxy.headers import TOKEN_HEADER as ADMIN_TOKEN_HEADER
 from qproxy.headers import check_file_query, check_signature, signed_query
@@ -70,8 +71,24 @@ S3_TIMEOUT = 2.0
 S3_BACKOFF = 5.0
 # A peer's name is resolved at most this often (a node that moves is followed this soon).
 PEER_DNS_TTL = 30.0
+# With the record cache, an answer is kept this long for the record it was made from (a
+# new record is another answer at once): a hot key costs a dictionary lookup, not a new
+# decision, signature and rendering. Far inside every signed or presigned URL's life.
+ANSWER_MEMO_SECONDS = 1.0
+ANSWER_MEMO_SIZE = 10_000
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+Answer = TypeVar("Answer")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Memo(Generic[Answer]):
+    key: str
+    record: FileRecord
+    kind: str
+    answer: Answer
+    until: float
+
 
 TOKEN_HEADER = ADMIN_TOKEN_HEADER.lower().encode()
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -146,6 +163,11 @@ class Resolver:
         self.reader = AsyncStateReader(config.redis_url, tracking=config.record_cache)
         self._misses: dict[str, float] = {}
         self._peer_addresses: dict[str, tuple[str, float]] = {}
+        # (mode, method, raw key) -> the answer last made; only with the record cache, whose
+        # records are the same object until Redis says they changed.
+        self._memo: dict[tuple[str, str, str], _Memo[Any]] | None = (
+            {} if config.record_cache else None
+        )
         self._s3_down_until = 0.0
         self.redirect_max_age = config.redirect_max_age
         self.inline_types = config.inline
@@ -239,17 +261,63 @@ class Resolver:
     ) -> Decision:
         """:meth:`lookup` for a request, counted in /metrics."""
         started = time.monotonic()
-        decision = await self.lookup(raw_key, method=method, retry=retry, query=query)
+        decision, _ = await self._lookup(raw_key, method=method, retry=retry, query=query)
         metrics.decided(decision.kind, time.monotonic() - started)
         return decision
+
+    async def _memoized(
+        self,
+        mode: str,
+        raw_key: str,
+        method: str,
+        make: Callable[[Decision], Answer],
+        *,
+        retry: bool,
+        query: str,
+    ) -> Answer:
+        """The answer ``make`` renders for the request's decision, counted in /metrics; kept
+        for the record it came from (see ANSWER_MEMO_SECONDS). Not for a signed request
+        or nginx's retry (they decide on more than the record), nor without a record (the
+        disk decides then)."""
+        started = time.monotonic()
+        memo = self._memo
+        slot = (mode, method, raw_key)
+        if memo is not None and not retry and not query:
+            kept = memo.get(slot)
+            if kept is not None and kept.until > started:
+                try:
+                    record = await self.reader.get(kept.key)
+                except StateUnavailable:
+                    record = None
+                if record is kept.record:
+                    metrics.decided(kept.kind, time.monotonic() - started)
+                    return cast(Answer, kept.answer)
+        decision, record = await self._lookup(raw_key, method=method, retry=retry, query=query)
+        answer = make(decision)
+        if memo is not None and record is not None and not retry and not query:
+            if len(memo) >= ANSWER_MEMO_SIZE:
+                memo.clear()
+            memo[slot] = _Memo(
+                record.key, record, decision.kind, answer, started + ANSWER_MEMO_SECONDS
+            )
+        metrics.decided(decision.kind, time.monotonic() - started)
+        return answer
 
     async def lookup(
         self, raw_key: str, *, method: str = "GET", retry: bool = False, query: str = ""
     ) -> Decision:
+        """Where the file ``raw_key`` is served from now."""
+        decision, _ = await self._lookup(raw_key, method=method, retry=retry, query=query)
+        return decision
+
+    async def _lookup(
+        self, raw_key: str, *, method: str, retry: bool, query: str
+    ) -> tuple[Decision, FileRecord | None]:
+        """:meth:`lookup`, and the record it decided on."""
         try:
             key = validate_key(raw_key)
         except InvalidKey:
-            return MISSING
+            return MISSING, None
         stores = self.stores
 
         def remote_url(name: str, shown: Shown, private: bool) -> str:
@@ -271,8 +339,8 @@ class Resolver:
             log.warning("resolver: Redis unavailable (%s); falling back to disk, then S3", exc)
             private = is_private(key, None, self.private_globs)
             if private and not signed:
-                return FORBIDDEN
-            return await anyio.to_thread.run_sync(self._degraded, key, method, private)
+                return FORBIDDEN, None
+            return await anyio.to_thread.run_sync(self._degraded, key, method, private), None
         decision = decide(
             record,
             key,
@@ -291,7 +359,7 @@ class Resolver:
             decision = await anyio.to_thread.run_sync(self._from_s3, key, name, method, private)
         elif decision.kind == "peer":
             decision = dataclasses.replace(decision, peer=await self._peer_address(decision.peer))
-        return decision
+        return decision, record
 
     async def _peer_address(self, netloc: str) -> str:
         """A peer's ``host:port`` with the host as an address: nginx proxies to peers through
@@ -390,8 +458,10 @@ class Resolver:
             if name == b"x-qp-retry":
                 retry = value == b"1"
         query = scope.get("query_string", b"").decode("latin-1")
-        decision = await self.counted(raw_key, method=scope["method"], retry=retry, query=query)
-        await _send(send, *self.x_accel(decision))
+        answer = await self._memoized(
+            "x-accel", raw_key, scope["method"], self.x_accel, retry=retry, query=query
+        )
+        await _send(send, *answer)
 
     async def _auth(self, scope: Scope, receive: Receive, send: Send) -> None:
         asked = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -407,9 +477,16 @@ class Resolver:
             return 200, render.AUTH_NOT_OURS
         retry = headers.get("x-qp-retry") == "1"
         method = headers.get("x-original-method", "GET")
-        decision = await self.counted(
-            path[len(self.public_path) :], method=method, retry=retry, query=query
+        return await self._memoized(
+            "auth",
+            path[len(self.public_path) :],
+            method,
+            self._auth_render,
+            retry=retry,
+            query=query,
         )
+
+    def _auth_render(self, decision: Decision) -> tuple[int, render.RawHeaders]:
         signed = self._signed(decision) if decision.kind == "peer" else ""
         return render.auth_answer(decision, redirect_ttl=self.redirect_ttl, signed_query=signed)
 

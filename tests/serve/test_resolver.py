@@ -271,3 +271,66 @@ def test_with_the_record_cache_a_change_is_seen_within_its_bound(stack: Stack) -
     writer's answer): well within 1 s, where a remembered record would live 5 s."""
     for client in client_for(stack, QPROXY_RECORD_CACHE="1", QPROXY_STANDALONE="1"):
         _hot_then_changed(Stores(stack.config, queue=NoQueue()), client, within=1)
+
+
+def test_with_the_record_cache_a_kept_answer_follows_its_record(
+    stack: Stack, quiet_node: Stores
+) -> None:
+    """With QPROXY_RECORD_CACHE the resolver keeps each answer it made (a hot key costs no
+    new decision): the moment its record cache sees a change (lookup() answers the new
+    way), both modes' answers are the new ones too, not a kept one (X-Accel's /resolve/,
+    auth_request's /auth)."""
+    import asyncio
+    import dataclasses
+
+    from qproxy.serve.resolver import Resolver
+
+    key = put_local(quiet_node, b"version one")
+    assert transfer(quiet_node, key) == "remote"
+    app = Resolver(dataclasses.replace(stack.config, record_cache=True))
+
+    async def go() -> None:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://r") as http:
+
+            async def answers() -> tuple[tuple[int, str], tuple[int, str]]:
+                xa = await http.get(f"/resolve/{key}")
+                auth = await http.get("/auth", headers={"X-Original-URI": f"/media/{key}"})
+                return (
+                    (xa.status_code, xa.headers.get("location", "")),
+                    (auth.status_code, auth.headers.get("x-qp-location", "")),
+                )
+
+            async def changed_to(kind: str, url_part: str) -> None:
+                for _ in range(1000):  # until the record cache has the change
+                    decision = await app.lookup(key)
+                    if decision.kind == kind and url_part in decision.url:
+                        break
+                    await asyncio.sleep(0.005)
+                else:
+                    raise AssertionError(f"the record cache never saw {key} {kind}")
+                (xa_status, xa_url), (auth_status, auth_url) = await answers()
+                if kind == "redirect":
+                    assert xa_status == 302 and url_part in xa_url
+                    assert auth_status == 200 and url_part in auth_url
+                else:  # auth_request's miss: a 200 that names nothing to serve
+                    assert (xa_status, xa_url, auth_status, auth_url) == (404, "", 200, "")
+
+            for _ in range(5):  # hot: answers kept
+                (status, url), _auth = await answers()
+                assert status == 302 and f"/{key}?" in url
+            async with httpx.AsyncClient() as s3:
+                assert (await s3.get(url)).content == b"version one"
+            put_local(quiet_node, b"version two", key=key, replace=True)
+            assert transfer(quiet_node, key) == "remote"
+            await changed_to("redirect", f"/{key}~v2?")
+            assert delete(quiet_node, key)
+            await changed_to("missing", "")
+
+    async def run() -> None:
+        try:
+            await go()
+        finally:
+            await app.reader.redis.close()
+
+    asyncio.run(run())
