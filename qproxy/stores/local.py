@@ -450,8 +450,9 @@ class LocalStore:
             finally:
                 os.close(dst)
 
-    def identity(self, key: str) -> str:
-        """The :func:`identity` of the file stored under ``key`` (FileNotFoundError if none)."""
+    def _stat_file(self, key: str) -> os.stat_result:
+        """The stat of the regular file under ``key`` (FileNotFoundError if none: a link or
+        a folder is none)."""
         folder, name = self._parent(key)
         try:
             info = os.stat(name, dir_fd=folder, follow_symlinks=False)
@@ -459,7 +460,11 @@ class LocalStore:
             os.close(folder)
         if not stat.S_ISREG(info.st_mode):
             raise FileNotFoundError(key)
-        return identity(info)
+        return info
+
+    def identity(self, key: str) -> str:
+        """The :func:`identity` of the file stored under ``key`` (FileNotFoundError if none)."""
+        return identity(self._stat_file(key))
 
     def exists(self, key: str) -> bool:
         """A regular file (not a link, not a folder) is stored under ``key``."""
@@ -475,14 +480,7 @@ class LocalStore:
             os.close(folder)
 
     def size(self, key: str) -> int:
-        folder, name = self._parent(key)
-        try:
-            info = os.stat(name, dir_fd=folder, follow_symlinks=False)
-        finally:
-            os.close(folder)
-        if not stat.S_ISREG(info.st_mode):
-            raise FileNotFoundError(key)
-        return info.st_size
+        return self._stat_file(key).st_size
 
     def open(self, key: str) -> IO[bytes]:
         folder, name = self._parent(key)
