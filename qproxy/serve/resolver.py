@@ -83,7 +83,6 @@ Answer = TypeVar("Answer")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Memo(Generic[Answer]):
-    key: str
     record: FileRecord
     kind: str
     answer: Answer
@@ -286,7 +285,7 @@ class Resolver:
             kept = memo.get(slot)
             if kept is not None and kept.until > started:
                 try:
-                    record = await self.reader.get(kept.key)
+                    record = await self.reader.get(kept.record.key)
                 except StateUnavailable:
                     record = None
                 if record is kept.record:
@@ -297,9 +296,7 @@ class Resolver:
         if memo is not None and record is not None and not retry and not query:
             if len(memo) >= ANSWER_MEMO_SIZE:
                 memo.clear()
-            memo[slot] = _Memo(
-                record.key, record, decision.kind, answer, started + ANSWER_MEMO_SECONDS
-            )
+            memo[slot] = _Memo(record, decision.kind, answer, started + ANSWER_MEMO_SECONDS)
         metrics.decided(decision.kind, time.monotonic() - started)
         return answer
 

@@ -434,21 +434,17 @@ class LocalStore:
         for attempt in range(3):
             try:
                 dst, name = self._parent(key, create=True)
+                try:
+                    os.replace(temp_name, name, src_dir_fd=src, dst_dir_fd=dst)
+                    os.fsync(dst)
+                    return
+                finally:
+                    os.close(dst)
             except FileNotFoundError:
+                # A folder on the way removed meanwhile (the janitor tidying one it emptied
+                # of its last file): made again.
                 if attempt == 2:
                     raise
-                continue  # a folder made, then tidied away by a removal: made again
-            try:
-                os.replace(temp_name, name, src_dir_fd=src, dst_dir_fd=dst)
-                os.fsync(dst)
-                return
-            except FileNotFoundError:
-                # The folder emptied and removed since it was opened (the janitor removing
-                # its last file), or the temp file gone: only the first is worth another go.
-                if attempt == 2 or not _exists(temp_name, src):
-                    raise
-            finally:
-                os.close(dst)
 
     def _stat_file(self, key: str) -> os.stat_result:
         """The stat of the regular file under ``key`` (FileNotFoundError if none: a link or
@@ -627,14 +623,6 @@ class Journal:
                     yield json.loads(line)
                 except ValueError:
                     continue  # a torn last line after a crash
-
-
-def _exists(name: str, folder: int) -> bool:
-    try:
-        os.stat(name, dir_fd=folder, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _makedir(path: Path) -> None:
