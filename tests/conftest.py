@@ -28,6 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_UPLOAD = 20 * 1024 * 1024
 
 RESOLVER = [sys.executable, "-m", "qproxy", "resolver", "--host", "127.0.0.1", "--port", "{port}"]
+# A resolver runs its node's janitor at start and every QPROXY_JANITOR_INTERVAL (10 s), and a
+# delete makes the local copy due at once: a resolver started with this runs it at start
+# only, so a test sees a deleted file's local copy stay until the test itself drops it.
+QUIET_JANITOR = {"QPROXY_JANITOR_INTERVAL": "3600"}
+
+
+def lone_node(stack: Stack, root: Path) -> tuple[Stores, dict[str, str]]:
+    """A node on the stack's Redis and S3 with its own name and disk, which no janitor
+    serves (the stack's resolver janitors the stack's node), and the environment for a
+    resolver of its own (``QUIET_JANITOR``). Its queue sends nothing."""
+    node_id = f"lone-{root.name}-{os.getpid()}"
+    node = Stores(stack.config.replace(node_id=node_id, local_root=str(root)), queue=NoQueue())
+    node.local.ensure()
+    return node, {"QPROXY_NODE_ID": node_id, "QPROXY_LOCAL_ROOT": str(root), **QUIET_JANITOR}
 
 
 @contextlib.contextmanager
@@ -56,7 +70,7 @@ def other_node(stack: Stack, *, via_nginx: bool = False) -> Iterator[Stores]:
     """A second web node on the stack's Redis and S3 for the block: its own disk and its own
     resolver (a real process), which its records point at; ``via_nginx``: its own nginx
     too (the shipped config), where its records point then (QPROXY_NODE_URL). Its queue
-    sends nothing."""
+    sends nothing, and its janitor runs at start only."""
     port = free_port()
     nginx_port = free_port() if via_nginx else 0
     url = f"http://127.0.0.1:{nginx_port or port}"
@@ -65,6 +79,7 @@ def other_node(stack: Stack, *, via_nginx: bool = False) -> Iterator[Stores]:
     node = Stores(config, queue=NoQueue())
     node.local.ensure()
     env = {"QPROXY_LOCAL_ROOT": str(root), "QPROXY_NODE_ID": "node-2", "QPROXY_NODE_URL": url}
+    env.update(QUIET_JANITOR)  # its disk stays as the test leaves it
     try:
         with serving(stack, f"resolver-node2-{port}", RESOLVER, "/healthz", env, port) as resolver:
             if not via_nginx:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -17,7 +18,7 @@ from qproxy.keys import generate_key
 from qproxy.lifecycle.files import delete, store
 from qproxy.worker.sweep import drop_local_copies
 from qproxy.worker.transfer import transfer
-from tests.conftest import RESOLVER, NoQueue, other_node, put_local, serving
+from tests.conftest import RESOLVER, NoQueue, lone_node, other_node, put_local, serving
 
 
 @pytest.fixture
@@ -93,13 +94,12 @@ def test_blob_urls_are_signed_and_expire(stack: Stack, quiet_node: Stores) -> No
         assert client.get("/internal/blob/..%2Fx?exp=1&sig=x").status_code == 404
 
 
-def test_a_blob_url_is_revoked_by_a_delete_or_a_newer_upload(
-    stack: Stack, quiet_node: Stores
-) -> None:
+def test_a_blob_url_is_revoked_by_a_delete_or_a_newer_upload(stack: Stack, tmp_path: Path) -> None:
+    quiet_node, env = lone_node(stack, tmp_path)  # a janitor of its own, quiet after start
     secret = quiet_node.config.secret
     gone = put_local(quiet_node, b"deleted soon")
     replaced = put_local(quiet_node, b"version one")
-    for client in client_for(stack):
+    for client in client_for(stack, **env):
         gone_url = f"/internal/blob/{gone}?{signed_query(secret, gone)}"
         assert client.get(gone_url).status_code == 200
         assert delete(quiet_node, gone)

@@ -7,6 +7,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import httpx
@@ -20,7 +21,7 @@ from qproxy.lifecycle.files import delete
 from qproxy.stores.s3 import RemoteStore
 from qproxy.stores.state import StateStore
 from qproxy.worker.transfer import backoff, transfer
-from tests.conftest import NoQueue, _stack, put_local
+from tests.conftest import NoQueue, _stack, lone_node, put_local
 from tests.hooks import CALLS
 
 
@@ -314,23 +315,26 @@ def test_the_janitor_leaves_a_file_saved_again_whose_record_is_not_written_yet(
     assert transfer(quiet_node, key) == "remote"
 
 
-def test_janitor_losing_a_race_to_purge_still_lets_the_record_go(quiet_node: Stores) -> None:
+def test_janitor_losing_a_race_to_purge_still_lets_the_record_go(
+    stack: Stack, tmp_path: Path
+) -> None:
     """The janitor read the record, removed the local file, and meanwhile the delete task
     cleared the S3 copy (a newer generation): its mark must still land, or a deleted
     record with no copy anywhere stays forever (seen in a fresh-clone run)."""
     from qproxy.worker.transfer import purge
 
-    key = put_local(quiet_node, b"raced")
-    assert transfer(quiet_node, key) == "remote"
-    assert delete(quiet_node, key)
-    node_id = quiet_node.config.node_id
-    seen = quiet_node.state.get(key)  # the janitor's read
+    node, _ = lone_node(stack, tmp_path)  # the stack's janitor would drop the copy any time
+    key = put_local(node, b"raced")
+    assert transfer(node, key) == "remote"
+    assert delete(node, key)
+    node_id = node.config.node_id
+    seen = node.state.get(key)  # the janitor's read
     assert seen is not None and seen.has_local and seen.has_remote
-    assert quiet_node.local.remove(key)  # the janitor's removal
-    assert purge(quiet_node, key) == "deleted"  # S3 copy gone; the record waits for the mark
-    quiet_node.state.drop_done(node_id, key, seen)  # the janitor's (now stale) mark
-    assert quiet_node.state.get(key) is None
-    assert key not in quiet_node.state.due_drops(node_id, now=time.time() + 3600)
+    assert node.local.remove(key)  # the janitor's removal
+    assert purge(node, key) == "deleted"  # S3 copy gone; the record waits for the mark
+    node.state.drop_done(node_id, key, seen)  # the janitor's (now stale) mark
+    assert node.state.get(key) is None
+    assert key not in node.state.due_drops(node_id, now=time.time() + 3600)
 
 
 def test_delete_while_local_only(stack: Stack, quiet_node: Stores) -> None:
