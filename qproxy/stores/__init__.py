@@ -58,6 +58,9 @@ class Records(Protocol):
         fields: Mapping[str, Any] | None = None,
         drop: tuple[str, float] | None = None,
     ) -> int: ...
+    def claim(
+        self, key: str, fields: Mapping[str, Any], *, now: float | None = None
+    ) -> tuple[str, FileRecord | None]: ...
     def keys_in_state(
         self,
         state: State,

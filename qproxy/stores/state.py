@@ -81,6 +81,29 @@ if ARGV[8] ~= '' then redis.call('ZADD', ARGV[1] .. 'drop:' .. ARGV[8], ARGV[9],
 return {1, gen}
 """
 
+# A transfer's start: read the record and, unless another run's lease is live or it is past
+# needing one, take it in the same step (no read-then-set race, one round trip).
+# ARGV: prefix, key, now, then field/value pairs set on the claimed record.
+_CLAIM = """
+local s = redis.call('HGET', KEYS[1], 's')
+if not s then return {'missing'} end
+if s == 'transferring' and (tonumber(redis.call('HGET', KEYS[1], 'd')) or 0) > tonumber(ARGV[3])
+then return {'leased', redis.call('HGETALL', KEYS[1])} end
+if s ~= 'local' and s ~= 'queued' and s ~= 'failed' and s ~= 'transferring' then
+  return {'settled', redis.call('HGETALL', KEYS[1])}
+end
+redis.call('HINCRBY', KEYS[1], 'g', 1)
+redis.call('HINCRBY', KEYS[1], 'a', 1)
+redis.call('HSET', KEYS[1], 's', 'transferring', 'm', ARGV[3])
+for i = 4, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+if s ~= 'transferring' then redis.call('ZREM', ARGV[1] .. 's:' .. s, ARGV[2]) end
+redis.call('ZADD', ARGV[1] .. 's:transferring', ARGV[3], ARGV[2])
+return {'claimed', redis.call('HGETALL', KEYS[1])}
+"""
+
 # A deleted record goes once neither a local nor a remote copy is left.
 _FORGET = """
 local h = redis.call('HMGET', KEYS[1], 's', 'L', 'R')
@@ -141,6 +164,7 @@ class StateStore:
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._forget = client.register_script(_FORGET)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> StateStore:
@@ -235,6 +259,24 @@ class StateStore:
             timestamp(drop[1]) if drop else "",
         ]
         return args + encode_fields(fields or {})
+
+    def claim(
+        self, key: str, fields: Mapping[str, Any], *, now: float | None = None
+    ) -> tuple[str, FileRecord | None]:
+        """Start a transfer of ``key``: move it to ``transferring`` (a generation and an
+        attempt more, ``fields`` set, e.g. the lease) unless another run's lease on it is
+        still live (``leased``) or it needs no transfer (``settled``: remote, deleted, still
+        pending). One round trip. Returns the outcome (``claimed``, ``leased``, ``settled``,
+        ``missing``) and the record as it is now."""
+        at = time.time() if now is None else now
+        args = [self.prefix, key, timestamp(at), *encode_fields(fields)]
+        with redis_errors():
+            answer = self._claim(keys=[self.record_key(key)], args=args)
+        outcome = answer[0].decode()
+        if len(answer) < 2:
+            return outcome, None
+        flat = answer[1]
+        return outcome, FileRecord.from_hash(key, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[Bulk]:

@@ -55,18 +55,31 @@ def transfer(stores: Stores, key: str, *, attempts_left: int = 1) -> str:
 def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int]) -> str:
     state = stores.state
     started = time.monotonic()
-    record = state.get(key)
+    token = uuid.uuid4().hex
     now = time.time()
+    # The record read and the lease taken in one step: no other run, sweep or re-upload
+    # can come between them.
+    outcome, record = state.claim(
+        key,
+        {
+            "lease": token,
+            "lease_until": now + stores.config.lease_seconds,
+            # Sent on its way: no longer held back (delayed=True) from the sweep, which
+            # must find it if this run dies (enqueue() clears it too, but its job can
+            # reach a worker before that write).
+            "hold": "",
+        },
+        now=now,
+    )
     if record is None:
         log.warning("transfer %s: no record, nothing to do", key)
         return "missing"
-    if record.state == "transferring" and record.lease_until > now:
+    if outcome == "leased":
         log.info("transfer %s: another run holds the lease, skipping", key)
         return "transferring"
-    if record.state not in ("local", "queued", "failed", "transferring"):
+    if outcome != "claimed":
         return record.state
-
-    token = uuid.uuid4().hex
+    gen = record.gen
     sizes.append(record.size)  # (an attempt: counted in the metrics)
 
     def fields(gen: int) -> dict[str, Any]:
@@ -75,32 +88,11 @@ def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int])
             "key": key,
             "node": record.node,
             "gen": gen,
-            "attempt": record.attempts + 1,
+            "attempt": record.attempts,
             "size": record.size,
             "duration_ms": round((time.monotonic() - started) * 1000, 1),
         }
 
-    try:
-        gen = state.transition(
-            key,
-            "transferring",
-            gen=record.gen,
-            fields={
-                "lease": token,
-                "lease_until": now + stores.config.lease_seconds,
-                "attempts": record.attempts + 1,
-                # Sent on its way: no longer held back (delayed=True) from the sweep, which
-                # must find it if this run dies (enqueue() clears it too, but its job can
-                # reach a worker before that write).
-                "hold": "",
-            },
-        )
-    except LeaseLost:
-        # The record moved between our read and the lease (a sweep queued it again, a
-        # duplicate run took it): start over from what it is now.
-        if attempts_left <= -3:
-            return "conflict"
-        return _transfer(stores, key, attempts_left=attempts_left - 1, sizes=sizes)
     # Stored the way it is served (public mode sends clients to the object as it is).
     shown = shown_as(record.content_type, record.filename, inline_types=stores.config.inline)
     try:
@@ -141,7 +133,7 @@ def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int])
             log.error(
                 "transfer %s failed for good (attempt %d): %s",
                 key,
-                record.attempts + 1,
+                record.attempts,
                 error,
                 extra={**fields(gen), "state": "failed", "error": error},
             )
@@ -150,7 +142,7 @@ def _transfer(stores: Stores, key: str, *, attempts_left: int, sizes: list[int])
         log.warning(
             "transfer %s failed (attempt %d), will retry: %s",
             key,
-            record.attempts + 1,
+            record.attempts,
             error,
             extra={**fields(gen), "state": "queued", "error": error},
         )

@@ -83,6 +83,30 @@ def test_expired_lease_is_taken_over(quiet_node: Stores) -> None:
     assert transfer(quiet_node, key) == "remote"
 
 
+def test_a_claim_is_one_step_and_only_one_run_gets_it(quiet_node: Stores) -> None:
+    """Two runs of one job at once (a redelivery): the second finds the first's live lease,
+    and the claimed record has left its old state's index for transferring's."""
+    state = quiet_node.state
+    key = put_local(quiet_node, b"claimed once")
+    before = state.get(key)
+    assert before is not None and before.state == "queued"
+    until = time.time() + 60
+    first, record = state.claim(key, {"lease": "run-1", "lease_until": until})
+    assert first == "claimed" and record is not None
+    assert (record.state, record.lease, record.attempts) == ("transferring", "run-1", 1)
+    assert record.gen == before.gen + 1
+    second, seen = state.claim(key, {"lease": "run-2", "lease_until": until})
+    assert second == "leased" and seen is not None and seen.lease == "run-1"
+    assert key in state.keys_in_state("transferring")
+    assert key not in state.keys_in_state("queued")
+    assert state.claim("no/such/key", {"lease": "x"}) == ("missing", None)
+    # A transfer that is done needs no claim.
+    assert transfer(quiet_node, key) == "transferring"
+    state.transition(key, "remote", lease="run-1", fields={"lease": "", "lease_until": ""})
+    settled, done = state.claim(key, {"lease": "run-3", "lease_until": until})
+    assert settled == "settled" and done is not None and done.lease == ""
+
+
 def test_failing_s3_retries_then_fails_but_still_serves_locally(
     stack: Stack, quiet_node: Stores
 ) -> None:
