@@ -77,9 +77,17 @@ def harden_kombu() -> bool:
     return True
 
 
+# Celery's own line for each job taken and each done ("Task ... received", "... succeeded
+# in"): qproxy's transfer line says more (key, size, attempt, state), once a file, and the
+# two cost ~3% of a small file's worker CPU (make bench). Warnings and errors still show.
+QUIET_CELERY_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
 def make_celery(config: Config) -> Celery:
     """The Celery app with qproxy's tasks (the worker's side of the queue)."""
     app = celery_app(config)
+    # No rate limits on qproxy's tasks: Celery then skips its token buckets for every job.
+    app.conf.worker_disable_rate_limits = True
     app.task(name=TRANSFER, bind=True, acks_late=True, max_retries=None)(_transfer_task)
     app.task(name=DELETE, bind=True, acks_late=True, max_retries=None)(_delete_task)
     app.task(name=SWEEP)(_sweep_task)
@@ -178,6 +186,8 @@ def run_worker(config: Config, argv: list[str], *, metrics_port: int = 0) -> Non
         # Celery then leaves logging alone: its own lines come out as qproxy's do (the
         # format QPROXY_LOG_FORMAT says, time and level on each), in every pool process.
         logs.setup(config)
+        for name in QUIET_CELERY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     args = ["worker", "--queues", QUEUE, "--loglevel", "INFO", *default_pool(argv), *argv]
     import click

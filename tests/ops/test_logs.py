@@ -75,3 +75,6 @@ def test_a_json_workers_transfer_line_names_the_file_and_the_attempt(stack: Stac
     assert done["level"] == "info" and done["node"] == "node-1"
     assert done["attempt"] == 1 and done["gen"] >= 1 and done["size"] == len(data)
     assert done["duration_ms"] >= 0 and re.fullmatch(TIME, done["time"])
+    # One line a file: Celery's own for each job ("received", "succeeded in") say less.
+    per_job = [e["message"] for e in entries if e["logger"].startswith("celery.")]
+    assert not [m for m in per_job if " received" in m or "succeeded in" in m], per_job
