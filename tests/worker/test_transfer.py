@@ -136,6 +136,30 @@ def test_missing_local_copy_fails_for_good(quiet_node: Stores) -> None:
     assert record is not None and "missing" in record.error
 
 
+@pytest.mark.parametrize("change", [b"+", None], ids=["grown", "cut short"])
+def test_a_local_copy_of_another_size_than_its_record_is_not_sent(
+    stack: Stack, quiet_node: Stores, change: bytes | None
+) -> None:
+    data = b"as accepted\n" * 1000
+    key = put_local(quiet_node, data)
+    with open(quiet_node.local.path_for(key), "r+b") as fh:  # (a disk's or an admin's doing)
+        if change:
+            fh.seek(0, os.SEEK_END)
+            fh.write(change)
+        else:
+            fh.truncate(len(data) - 1)
+    assert transfer(quiet_node, key, attempts_left=1) == "failed"
+    record = quiet_node.state.get(key)
+    assert record is not None and f"its record says {len(data)}" in record.error
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    assert (
+        s3.list_objects_v2(
+            Bucket="qproxy-dev", Prefix=RemoteStore(stack.config).object_key(record.object)
+        ).get("KeyCount")
+        == 0
+    )
+
+
 def test_an_origin_that_does_not_answer_is_retried_not_failed(
     stack: Stack, quiet_node: Stores, tmp_path: object
 ) -> None:
