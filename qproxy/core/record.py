@@ -104,6 +104,11 @@ class FileRecord:
     local_id: str = ""
 
     @classmethod
+    def from_flat(cls, key: str, flat: list[bytes]) -> FileRecord:
+        """From a hash as Redis replies it in a script or a raw HGETALL: name, value, ..."""
+        return cls.from_hash(key, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    @classmethod
     def from_hash(cls, key: str, raw: Mapping[bytes, bytes]) -> FileRecord:
         # Stored under the short names (a hash written with the long ones reads the same).
         h = raw if b"state" not in raw else {_SHORT.get(k, k): v for k, v in raw.items()}

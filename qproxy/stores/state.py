@@ -275,8 +275,7 @@ class StateStore:
         outcome = answer[0].decode()
         if len(answer) < 2:
             return outcome, None
-        flat = answer[1]
-        return outcome, FileRecord.from_hash(key, dict(zip(flat[::2], flat[1::2], strict=True)))
+        return outcome, FileRecord.from_flat(key, answer[1])
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[Bulk]:
@@ -499,7 +498,7 @@ class AsyncStateReader:
         def parse(flat: list[bytes]) -> FileRecord | None:
             if not flat:
                 return None
-            return FileRecord.from_hash(key, dict(zip(flat[::2], flat[1::2], strict=True)))
+            return FileRecord.from_flat(key, flat)
 
         name = self.prefix + "f:" + key
         try:
