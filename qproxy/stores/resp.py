@@ -125,7 +125,9 @@ class _Protocol(asyncio.Protocol):
     def poll(self) -> None:
         """Take what has already arrived, now (a subscriber's invalidations), rather than
         when the event loop next looks: a change whose writer already has its answer is
-        then seen by a read that comes after it. The socket is non-blocking."""
+        then seen by a read that comes after it (a key's: Redis sends its invalidation
+        first; FLUSHALL's can come microseconds after its answer). The socket is
+        non-blocking."""
         while not self.closed and self.fd >= 0 and self._ready.poll(0):
             try:
                 data = os.read(self.fd, 65536)
