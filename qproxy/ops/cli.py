@@ -440,6 +440,7 @@ def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
         micro_cache_path=args.micro_cache_path or NginxOptions.micro_cache_path,
         offload=args.offload,
         peer_cache=args.peer_cache,
+        peers=tuple(args.peer),
     )
     text = full_config(config, options) if args.full else server_block(config, options)
     if args.offload:
@@ -729,6 +730,15 @@ def _parse_nginx_config(add: AddCommand) -> None:
         "as a local file, only when the resolver says so, as every file. DIR must be a "
         "filesystem of its own (e.g. a tmpfs): nginx cuts a download short when the disk "
         "under its cache is full",
+    )
+    p.add_argument(
+        "--peer",
+        metavar="NODE_URL",
+        action="append",
+        default=[],
+        help="another web node's QPROXY_NODE_URL (repeat for each; `qproxy nodes` lists "
+        "them): nginx keeps connections to it open instead of opening one for every file "
+        "read from it. A node not named is still reached, on a new connection each time",
     )
     p.add_argument(
         "--offload",

@@ -249,6 +249,8 @@ class Cluster:
             app=f"http://127.0.0.1:{APP_PORT}",
             resolver=f"http://127.0.0.1:{RESOLVER_PORT}",
             mode=mode,  # type: ignore[arg-type]
+            # The other nodes by name (--peer): connections kept open, resolved at start.
+            peers=tuple(n.env["QPROXY_NODE_URL"] for n in self.nodes.values() if n is not node),
         )
         (prefix / "nginx.conf").write_text(full_config(node.config, options))
         nginx = find_nginx()

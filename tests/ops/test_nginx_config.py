@@ -142,6 +142,40 @@ def test_peer_cache_refuses_a_folder_others_write_to(tmp_path: Path) -> None:
         server_block(CONFIG, NginxOptions(peer_cache="relative/dir"))
 
 
+@pytest.mark.parametrize("mode", ["x-accel", "auth_request"])
+def test_named_peers_config_passes_nginx_t(prefix: Path, mode: str) -> None:
+    peers = (
+        "http://10.0.0.2:8300",
+        "10.0.0.3:8080",
+        "http://[fd00::4]:8300",
+        "http://10.0.0.2:8300",
+    )
+    options = NginxOptions(mode=mode, peers=peers)  # type: ignore[arg-type]
+    conf = prefix / "nginx.conf"
+    conf.write_text(full_config(CONFIG, options))
+    result = nginx_t(conf, prefix)
+    assert result.returncode == 0, result.stderr
+    text = conf.read_text()
+    # One upstream each, named by what the resolver writes in /_qp/peer/ (host:port).
+    for node in ("10.0.0.2:8300", "10.0.0.3:8080", "[fd00::4]:8300"):
+        assert text.count(f"server {node};") == 1, node
+        assert f'"{node}" qproxy_peer_' in text
+    assert "proxy_pass http://$qp_peer_upstream/internal/blob/" in text
+
+
+def test_cli_takes_peers_and_refuses_a_bad_one() -> None:
+    argv = [sys.executable, "-m", "qproxy", "nginx-config"]
+    env = {**os.environ, "QPROXY_LOCAL_ROOT": "/data/files"}
+    out = subprocess.run(
+        [*argv, "--peer", "http://web2:8300", "--peer", "http://web3:8300"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout  # fmt: skip
+    assert "server web2:8300;\n    keepalive 32;" in out and "server web3:8300;" in out
+    bad = subprocess.run([*argv, "--peer", "https://web2"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--peer must look like http://HOST:PORT, got 'https://web2'" in bad.stderr
+
+
 def test_cli_rejects_bad_urls() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "qproxy", "nginx-config", "--app", "ftp://x"],
@@ -237,7 +271,7 @@ LOCATIONS = {
         nginx.location_peer(),
         [
             "internal;",
-            "proxy_pass http://$1/internal/blob/$2$is_args$args;",
+            "proxy_pass http://$qp_peer_node/internal/blob/$qp_peer_key$is_args$args;",
             "add_header X-Content-Type-Options nosniff always;",
         ],
     ),

@@ -16,6 +16,7 @@ from qproxy.dev.devstack import Stack, free_port
 from qproxy.headers import signed_query
 from qproxy.keys import generate_key
 from qproxy.lifecycle.files import delete, store
+from qproxy.ops.nginx import NginxOptions, full_config
 from qproxy.worker.sweep import drop_local_copies
 from qproxy.worker.transfer import transfer
 from tests.conftest import RESOLVER, NoQueue, lone_node, other_node, put_local, serving
@@ -194,6 +195,51 @@ def test_a_nodes_nginx_sends_its_files_to_the_others(stack: Stack) -> None:
         assert delete(node2, key)
         assert node2.local.exists(key)  # (the janitor drops it later)
         assert httpx.get(url).status_code == 404
+
+
+def connections_to(port: int) -> set[str]:
+    """This host's TCP sockets toward ``port`` (open or closing: TIME_WAIT too), by their
+    own address: each is a connection made to it."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                local, remote = line.split()[1:3]
+                if int(remote.rsplit(":", 1)[1], 16) == port:
+                    found.add(local)
+    return found
+
+
+def test_reads_from_a_named_peer_reuse_their_connections(any_stack: Stack) -> None:
+    """`qproxy nginx-config --peer NODE_URL`: nginx keeps its connections to that node open,
+    so many reads of files held there open about one connection (one per nginx worker),
+    not one each (a handshake per read, and a closed socket left behind on this host)."""
+    stack = any_stack
+    with other_node(stack, via_nginx=True) as node2:
+        port = urlsplit(node2.config.node_url).port
+        assert port is not None
+        options = NginxOptions(
+            listen="127.0.0.1:{port}",
+            app=stack.url("app"),
+            resolver=stack.url("resolver"),
+            mode=stack.mode,
+            peers=(node2.config.node_url,),
+        )
+        name = f"nginx-peers-{stack.mode}-{free_port()}"
+        front = stack.add_nginx(name, full_config(stack.config, options))
+        try:
+            data = os.urandom(100_000)
+            key = put_local(node2, data)
+            before = connections_to(port)
+            with httpx.Client(base_url=front, timeout=30) as client:
+                for _ in range(20):
+                    got = client.get(f"/media/{key}")
+                    assert got.status_code == 200 and got.content == data
+                    assert got.headers["x-qproxy-source"] == "peer"
+            opened = connections_to(port) - before
+            assert 1 <= len(opened) <= 2, opened  # without --peer: 20
+        finally:
+            stack.services.pop(name).stop()
 
 
 def page_and_image(node: Stores, active: bytes, active_type: str) -> tuple[str, str]:
