@@ -145,9 +145,17 @@ class Bench:
         return self.serve(name, argv, "/", env)
 
     def waitress(self, name: str, app: str, env: dict[str, str] | None = None) -> str:
-        """waitress (it reads the whole body before it calls the app); ``app`` a factory."""
+        """waitress (it reads the whole body before it calls the app); ``app`` a factory.
+        With the README's ``--recv-bytes``: waitress reads the body 1 MiB at a time."""
+        return self._waitress(name, app, env, ["--recv-bytes=1048576"])
+
+    def waitress_defaults(self, name: str, app: str, env: dict[str, str] | None = None) -> str:
+        """waitress as it comes: it reads the body 8 KiB at a time."""
+        return self._waitress(name, app, env, [])
+
+    def _waitress(self, name: str, app: str, env: dict[str, str] | None, extra: list[str]) -> str:
         argv = [sys.executable, "-m", "waitress", "--listen=127.0.0.1:{port}", "--threads=4",
-                "--max-request-body-size=4294967296", "--call", app]  # fmt: skip
+                "--max-request-body-size=4294967296", *extra, "--call", app]  # fmt: skip
         return self.serve(name, argv, "/", env)
 
     def uvicorn(self, name: str, app: str, env: dict[str, str] | None = None) -> str:

@@ -108,7 +108,14 @@ def upload_rows(b: Bench) -> None:
         # The servers many users run: gunicorn's default sync worker, and waitress (which
         # takes the whole body before it calls the app), each against the same app parsing
         # the upload with werkzeug on the same server.
-        for server, label in (("gunicorn_sync", "gunicorn sync"), ("waitress", "waitress")):
+        # waitress as the README runs it (--recv-bytes 1 MiB), and as it comes (8 KiB reads:
+        # its own reading of the body is most of the time then, for both apps).
+        servers = (
+            ("gunicorn_sync", "gunicorn sync", 2.0),
+            ("waitress", "waitress, --recv-bytes 1 MiB", 2.0),
+            ("waitress_defaults", "waitress, default 8 KiB reads", None),
+        )
+        for server, label, target in servers:
             start = getattr(b, server)
             ours = start(
                 f"{server}-qproxy",
@@ -128,8 +135,8 @@ def upload_rows(b: Bench) -> None:
                     "MiB/s",
                     "qproxy middleware",
                     "werkzeug parse_form_data, same server",
-                    target=">= 2x werkzeug",
-                    target_ratio=2.0,
+                    target=f">= {target:g}x werkzeug" if target else "information (no target)",
+                    target_ratio=target,
                 ),
                 lambda url=ours: b.stored_upload(url + "/upload", path),
                 lambda url=theirs: b.curl_upload(url + "/upload", path),
