@@ -427,6 +427,21 @@ def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
     return 1 if any(c.level == "fail" for c in checks) else 0
 
 
+def _registered_peers(config: Config) -> tuple[str, ...]:
+    """The URLs of the other web nodes registered in Redis and not gone (``qproxy nodes``;
+    draining ones too: they still hold files)."""
+    from qproxy.compose import Stores
+    from qproxy.lifecycle import nodes
+
+    stores = Stores(config)
+    now = time.time()
+    return tuple(
+        n.url
+        for n in nodes.listing(stores)
+        if n.id != config.node_id and n.url and not nodes.is_gone(stores, n, now)
+    )
+
+
 def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
     from qproxy.ops.nginx import NginxOptions, full_config, server_block
 
@@ -440,7 +455,7 @@ def cmd_nginx_config(args: argparse.Namespace, extra: list[str]) -> int:
         micro_cache_path=args.micro_cache_path or NginxOptions.micro_cache_path,
         offload=args.offload,
         peer_cache=args.peer_cache,
-        peers=tuple(args.peer),
+        peers=tuple(args.peer) + (_registered_peers(config) if args.registered_peers else ()),
     )
     text = full_config(config, options) if args.full else server_block(config, options)
     if args.offload:
@@ -739,6 +754,12 @@ def _parse_nginx_config(add: AddCommand) -> None:
         help="another web node's QPROXY_NODE_URL (repeat for each; `qproxy nodes` lists "
         "them): nginx keeps connections to it open instead of opening one for every file "
         "read from it. A node not named is still reached, on a new connection each time",
+    )
+    p.add_argument(
+        "--registered-peers",
+        action="store_true",
+        help="--peer for every other web node registered in Redis and not gone, as `qproxy "
+        "nodes` lists them (print the config again, and reload nginx, when a node joins)",
     )
     p.add_argument(
         "--offload",

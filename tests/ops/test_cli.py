@@ -359,6 +359,37 @@ def test_nodes_lists_registered_nodes_and_the_gone(stack: Stack) -> None:
         state.deregister_node(name)
 
 
+def test_nginx_config_names_the_registered_nodes_as_peers(stack: Stack) -> None:
+    """--registered-peers: the other nodes `qproxy nodes` lists as up (draining ones too),
+    each an upstream with kept-alive connections; not this node, not a gone one."""
+    state = Stores(stack.config).state
+    tag = os.urandom(3).hex()
+    up, draining, gone = f"up-{tag}", f"draining-{tag}", f"gone-{tag}"
+    state.register_node(up, {"url": "http://10.9.9.8:8300", "seen": time.time()})
+    state.register_node(
+        draining, {"url": "http://10.9.9.6:80", "seen": time.time(), "draining": True}
+    )
+    state.register_node(gone, {"url": "http://10.9.9.7:8300", "seen": time.time() - 100})
+    try:
+        out = qproxy("nginx-config", "--registered-peers", env=stack.env).stdout
+        assert '"10.9.9.8:8300" qproxy_peer_' in out and "server 10.9.9.8:8300;" in out
+        assert '"10.9.9.6:80" qproxy_peer_' in out
+        assert "10.9.9.7" not in out
+        own = stack.env["QPROXY_NODE_URL"].removeprefix("http://")
+        assert f'"{own}"' not in out  # (this node's own files are local)
+        # Redis away: one line and exit status 2, not a config without the peers.
+        down = {**stack.env, "QPROXY_REDIS_URL": "redis://127.0.0.1:1/0"}
+        failed = subprocess.run(
+            [sys.executable, "-m", "qproxy", "nginx-config", "--registered-peers"],
+            capture_output=True, text=True, env=down, timeout=60,
+        )  # fmt: skip
+        assert failed.returncode == 2 and failed.stdout == "", failed
+        assert failed.stderr.startswith("qproxy: ") and "Traceback" not in failed.stderr
+    finally:
+        for name in (up, draining, gone):
+            state.deregister_node(name)
+
+
 def test_every_option_has_help_and_the_readme_summary_matches_it() -> None:
     from qproxy.ops.cli import build_parser
 
