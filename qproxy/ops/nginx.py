@@ -255,6 +255,20 @@ def upstreams(app: str, resolver: str) -> str:
 PEER_KEEPALIVE = 32
 
 
+def _peer_node(url: str) -> str:
+    """A node URL as the resolver writes it into /_qp/peer/ (its host[:port], which
+    QPROXY_NODE_URL may leave at 80)."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path.strip("/"):
+        raise ConfigError(f"--peer must look like http://HOST[:PORT], got {url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}" if port else host
+
+
 def peer_upstreams(peers: Sequence[str]) -> str:
     """``--peer``: an upstream with kept-alive connections for each other web node, and the
     map from the node in a /_qp/peer/ URL (its QPROXY_NODE_URL's host:port) to it. Without
@@ -263,8 +277,7 @@ def peer_upstreams(peers: Sequence[str]) -> str:
     cannot be a node's: the /_qp/peer/ location takes no "_" in a node."""
     nodes: dict[str, str] = {}
     for url in peers:
-        node = _hostport(url, "--peer")
-        nodes.setdefault(node.lower(), f"qproxy_peer_{len(nodes)}")
+        nodes.setdefault(_peer_node(url), f"qproxy_peer_{len(nodes)}")
     if not nodes:
         return ""
     lines = ["# The other web nodes (--peer), by their QPROXY_NODE_URL: connections kept open."]

@@ -149,6 +149,7 @@ def test_named_peers_config_passes_nginx_t(prefix: Path, mode: str) -> None:
         "10.0.0.3:8080",
         "http://[fd00::4]:8300",
         "http://10.0.0.2:8300",
+        "http://localhost",  # (QPROXY_NODE_URL may leave the port at 80)
     )
     options = NginxOptions(mode=mode, peers=peers)  # type: ignore[arg-type]
     conf = prefix / "nginx.conf"
@@ -157,7 +158,7 @@ def test_named_peers_config_passes_nginx_t(prefix: Path, mode: str) -> None:
     assert result.returncode == 0, result.stderr
     text = conf.read_text()
     # One upstream each, named by what the resolver writes in /_qp/peer/ (host:port).
-    for node in ("10.0.0.2:8300", "10.0.0.3:8080", "[fd00::4]:8300"):
+    for node in ("10.0.0.2:8300", "10.0.0.3:8080", "[fd00::4]:8300", "localhost"):
         assert text.count(f"server {node};") == 1, node
         assert f'"{node}" qproxy_peer_' in text
     assert "proxy_pass http://$qp_peer_upstream/internal/blob/" in text
@@ -173,7 +174,7 @@ def test_cli_takes_peers_and_refuses_a_bad_one() -> None:
     assert "server web2:8300;\n    keepalive 32;" in out and "server web3:8300;" in out
     bad = subprocess.run([*argv, "--peer", "https://web2"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "--peer must look like http://HOST:PORT, got 'https://web2'" in bad.stderr
+    assert "--peer must look like http://HOST[:PORT], got 'https://web2'" in bad.stderr
 
 
 def test_cli_rejects_bad_urls() -> None:
