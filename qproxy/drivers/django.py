@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import tempfile
+import threading
 import time
 import unicodedata
 from datetime import UTC, datetime
@@ -46,6 +47,21 @@ MAX_NAME_CHARS = 200
 PER_FILE_OPTIONS = frozenset({"keep_local_seconds"})
 _CHUNK = 1024 * 1024
 _FROM_SETTINGS = object()  # base_url not given: the public path qproxy serves
+
+# One Stores (one Redis pool, one S3 client) per distinct settings in a process. A project
+# has a storage for each file field, Django's tests make one per test: each built its own
+# clients on its first call (a boto3 client is ~0.1-0.2 s of CPU here, more on a busy host,
+# all of it inside the first save or exists()).
+_shared_stores: dict[Config, Stores] = {}
+_shared_lock = threading.Lock()
+
+
+def _stores_for(config: Config) -> Stores:
+    with _shared_lock:
+        found = _shared_stores.get(config)
+        if found is None:
+            found = _shared_stores[config] = Stores(config)
+        return found
 
 
 # Sent in the worker when a file reached S3 (or failed for good), with ``name`` (the key)
@@ -130,7 +146,7 @@ class QueuedStorage(Storage):
     @property
     def stores(self) -> Stores:
         if self._stores is None:
-            self._stores = Stores(self._config())
+            self._stores = _stores_for(self._config())
         return self._stores
 
     def _config(self) -> Config:

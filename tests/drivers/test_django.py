@@ -362,6 +362,24 @@ def test_long_names_keep_their_extension(storage_options: dict[str, str]) -> Non
     assert storage.stores.state.get(name).content_type == "application/pdf"
 
 
+def test_storages_with_the_same_settings_share_their_clients(
+    storage_options: dict[str, str],
+) -> None:
+    """A storage per field (or per test) does not build its own Redis pool and S3 client on
+    its first call: same settings, same clients; other settings, their own."""
+    from django.core.files.base import ContentFile
+
+    first, second = make_storage(storage_options), make_storage(storage_options)
+    name = first.save("shared/a.txt", ContentFile(b"a"))
+    assert second.exists(name)
+    assert second.stores is first.stores
+    assert second.stores.remote.client is first.stores.remote.client
+    assert second.stores.state.redis is first.stores.state.redis
+    other = make_storage(storage_options, keep_local_seconds=0)
+    assert other.stores is not first.stores
+    assert other.stores.config.keep_local_seconds == 0
+
+
 def test_times_follow_use_tz(storage_options: dict[str, str]) -> None:
     from django.core.files.base import ContentFile
     from django.test import override_settings
