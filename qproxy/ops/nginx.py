@@ -97,12 +97,19 @@ PEER_CACHE_SECONDS = 60
 PEER_CACHE_FILE_DIGITS = 7  # files whose size has at most this many digits (< 10 MB)
 
 
-def _hostport(url: str, what: str) -> str:
+def _hostport(url: str, what: str, *, port_optional: bool = False) -> str:
+    """``url``'s HOST:PORT for nginx (``port_optional``: HOST alone where it has none, as a
+    node URL on port 80 is written into /_qp/peer/)."""
     parts = urlsplit(url if "://" in url else "http://" + url)
-    if parts.scheme != "http" or not parts.hostname or not parts.port:
-        raise ConfigError(f"{what} must look like http://HOST:PORT, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = None
+    if parts.scheme != "http" or not parts.hostname or not (port or port_optional):
+        shape = "http://HOST[:PORT]" if port_optional else "http://HOST:PORT"
+        raise ConfigError(f"{what} must look like {shape}, got {url!r}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{host}:{parts.port}"
+    return f"{host}:{port}" if port else host
 
 
 def _quote(path: str) -> str:
@@ -255,29 +262,16 @@ def upstreams(app: str, resolver: str) -> str:
 PEER_KEEPALIVE = 32
 
 
-def _peer_node(url: str) -> str:
-    """A node URL as the resolver writes it into /_qp/peer/ (its host[:port], which
-    QPROXY_NODE_URL may leave at 80)."""
-    parts = urlsplit(url if "://" in url else "http://" + url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path.strip("/"):
-        raise ConfigError(f"--peer must look like http://HOST[:PORT], got {url!r}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{host}:{port}" if port else host
-
-
 def peer_upstreams(peers: Sequence[str]) -> str:
     """``--peer``: an upstream with kept-alive connections for each other web node, and the
     map from the node in a /_qp/peer/ URL (its QPROXY_NODE_URL's host:port) to it. Without
     one, nginx opens a connection for each read from that node and closes it after (measured
-    on "serve 64 KiB held by another web node": +30% req/s kept alive). The upstreams' names
+    on "serve 64 KiB held by another web node": +10-30% req/s kept alive). The upstreams' names
     cannot be a node's: the /_qp/peer/ location takes no "_" in a node."""
     nodes: dict[str, str] = {}
     for url in peers:
-        nodes.setdefault(_peer_node(url), f"qproxy_peer_{len(nodes)}")
+        node = _hostport(url, "--peer", port_optional=True)
+        nodes.setdefault(node, f"qproxy_peer_{len(nodes)}")
     if not nodes:
         return ""
     lines = ["# The other web nodes (--peer), by their QPROXY_NODE_URL: connections kept open."]
