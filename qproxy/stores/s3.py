@@ -75,6 +75,7 @@ class PartialUpload:
     object_key: str
     upload_id: str
     started: float
+    name: str = ""  # the object's name without the prefix (what FileRecord.object is)
 
 
 def make_client(config: Config, *, timeout: float | None = None) -> S3Client:
@@ -212,6 +213,10 @@ class RemoteStore:
 
     def _put_multipart(self, key: str, fh: IO[bytes], extra: dict[str, Any]) -> str:
         okey = self.object_key(key)
+        # An upload of this object still open is a dead run's: each version has its own
+        # object, and the lease makes this run the only live one sending it. Aborted now,
+        # not after QPROXY_MULTIPART_MAX_AGE (the sweep leaves a live run's object alone).
+        self._abort_open(okey)
         upload = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=okey, ChecksumAlgorithm="SHA256", **extra
         )
@@ -333,19 +338,31 @@ class RemoteStore:
         okey = self.object_key(key)
         with s3_errors(f"delete of {key}"):
             self.client.delete_object(Bucket=self.bucket, Key=okey)
-            answer = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=okey)
-            for upload in answer.get("Uploads", []):
-                if upload["Key"] == okey:
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=okey, UploadId=upload["UploadId"]
-                    )
+            self._abort_open(okey)
+
+    def _abort_open(self, okey: str) -> None:
+        """Abort every multipart upload of object ``okey`` still open."""
+        answer = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=okey)
+        for upload in answer.get("Uploads", []):
+            if upload["Key"] != okey:
+                continue
+            try:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=okey, UploadId=upload["UploadId"]
+                )
+            except botocore.exceptions.ClientError as exc:
+                # NoSuchUpload: aborted meanwhile (by the sweep), which is what was wanted.
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
 
     def partial_uploads(self) -> list[PartialUpload]:
         """Multipart uploads under the prefix that were started and never completed."""
         with s3_errors("listing of multipart uploads"):
             answer = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
         return [
-            PartialUpload(u["Key"], u["UploadId"], u["Initiated"].timestamp())
+            PartialUpload(
+                u["Key"], u["UploadId"], u["Initiated"].timestamp(), u["Key"][len(self.prefix) :]
+            )
             for u in answer.get("Uploads", [])
         ]
 

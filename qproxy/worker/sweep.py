@@ -20,7 +20,7 @@ from typing import Any
 from qproxy import metrics
 from qproxy.compose import Stores
 from qproxy.core.record import FileRecord
-from qproxy.errors import LeaseLost, QProxyError
+from qproxy.errors import InvalidKey, LeaseLost, QProxyError
 from qproxy.keys import validate_key
 from qproxy.lifecycle.files import delete, release, restore
 from qproxy.lifecycle.tus import Tus
@@ -269,7 +269,11 @@ def retry_failed(stores: Stores, keys: list[str] | None = None) -> list[str]:
 
 
 def abort_stale_multipart(stores: Stores, *, now: float) -> int:
-    """Multipart uploads a killed worker left behind (S3 bills their parts)."""
+    """Multipart uploads a killed worker left behind (S3 bills their parts): those started
+    more than QPROXY_MULTIPART_MAX_AGE ago, but for one a live run is still sending (its
+    record ``transferring`` that object, its lease not over). Without that exception a
+    file slower to send than the age (a big one on a slow link, or an age set short) had
+    every attempt aborted under it, and never reached S3."""
     aborted = 0
     try:
         uploads = stores.remote.partial_uploads()
@@ -277,11 +281,34 @@ def abort_stale_multipart(stores: Stores, *, now: float) -> int:
         log.warning("sweep: cannot list multipart uploads: %s", exc)
         return 0
     for upload in uploads:
-        if upload.started < now - stores.config.multipart_max_age:
-            with contextlib.suppress(QProxyError):
-                stores.remote.abort(upload)
-                aborted += 1
+        if upload.started >= now - stores.config.multipart_max_age:
+            continue
+        try:
+            if _being_sent(stores, upload.name, now=now):
+                continue
+        except QProxyError as exc:  # Redis away: it cannot tell, so it aborts nothing
+            log.warning("sweep: cannot read the records of multipart uploads: %s", exc)
+            return aborted
+        with contextlib.suppress(QProxyError):
+            stores.remote.abort(upload)
+            aborted += 1
     return aborted
+
+
+def _being_sent(stores: Stores, name: str, *, now: float) -> bool:
+    """Whether a live transfer run is uploading the object ``name`` (without the prefix)."""
+    # The object of a key's version 1 is the key itself, later ones ``key~vN``
+    # (FileRecord.object; "~" is in no key).
+    try:
+        record = stores.state.get(validate_key(name.partition("~v")[0]))
+    except InvalidKey:  # not an object qproxy names
+        return False
+    return (
+        record is not None
+        and record.state == "transferring"
+        and record.object == name
+        and record.lease_until > now
+    )
 
 
 def drop_local_copies(stores: Stores, *, now: float | None = None, limit: int = 500) -> int:

@@ -36,3 +36,31 @@ def test_a_delete_aborts_the_uploads_of_the_object_left_open(stack: Stack) -> No
     assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=name)
     remote.delete(other)
     assert open_uploads() == []
+
+
+def test_a_multipart_upload_aborts_what_a_dead_run_left_of_the_same_object(stack: Stack) -> None:
+    """A run killed mid-upload leaves its upload open; the next run of the same version
+    (the only live one: it holds the lease) aborts it before it starts its own, instead of
+    leaving the parts billed until the sweep's QPROXY_MULTIPART_MAX_AGE. Other objects'
+    uploads stay."""
+    remote = RemoteStore(stack.config)
+    name, other = f"dead/{os.urandom(4).hex()}.bin", f"dead/{os.urandom(4).hex()}.bin"
+    client = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    bucket = stack.config.s3_bucket
+    left = client.create_multipart_upload(Bucket=bucket, Key=remote.object_key(name))
+    client.upload_part(
+        Bucket=bucket,
+        Key=remote.object_key(name),
+        UploadId=left["UploadId"],
+        PartNumber=1,
+        Body=b"old" * 1000,
+    )
+    client.create_multipart_upload(Bucket=bucket, Key=remote.object_key(other))
+    data = os.urandom(stack.config.multipart_threshold + 1)  # sent in parts
+    sha = hashlib.sha256(data).hexdigest()
+    remote.store(name, io.BytesIO(data), size=len(data), sha256=sha, content_type="text/plain")
+    answer = client.list_multipart_uploads(Bucket=bucket, Prefix="dead/")
+    assert [u["Key"] for u in answer.get("Uploads", [])] == [remote.object_key(other)]
+    body = client.get_object(Bucket=bucket, Key=remote.object_key(name))["Body"].read()
+    assert body == data
+    remote.delete(other)

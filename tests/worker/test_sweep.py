@@ -17,7 +17,7 @@ import qproxy
 from qproxy.compose import Stores
 from qproxy.dev.devstack import Stack
 from qproxy.lifecycle.files import commit, enqueue, reserve, store
-from qproxy.worker.sweep import requeue_stuck, sweep
+from qproxy.worker.sweep import abort_stale_multipart, requeue_stuck, sweep
 from qproxy.worker.transfer import transfer
 from tests.conftest import NoQueue, put_local, wait_state
 
@@ -90,6 +90,36 @@ def test_sweep_aborts_stale_multipart_uploads(stack: Stack) -> None:
     assert report.multipart_aborted >= 1
     uploads = s3.list_multipart_uploads(Bucket="qproxy-dev").get("Uploads", [])
     assert upload["UploadId"] not in [u["UploadId"] for u in uploads]
+
+
+@pytest.mark.parametrize("versions", [1, 2])
+def test_sweep_leaves_the_upload_of_a_live_transfer_alone(stack: Stack, versions: int) -> None:
+    """An upload older than QPROXY_MULTIPART_MAX_AGE that a run still sends is not aborted
+    under it (a file slower to send than the age would never reach S3); once that run's
+    lease is over, it is."""
+    quiet = Stores(stack.config.replace(multipart_max_age=0.001), queue=NoQueue())
+    key = put_local(quiet, b"v1")
+    if versions == 2:
+        put_local(quiet, b"v2", key, replace=True)
+    now = time.time()
+    outcome, record = quiet.state.claim(key, {"lease": "run", "lease_until": now + 600}, now=now)
+    assert outcome == "claimed" and record is not None
+    assert record.object == (key if versions == 1 else f"{key}~v2")
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    okey = quiet.remote.object_key(record.object)
+    upload = s3.create_multipart_upload(Bucket="qproxy-dev", Key=okey)["UploadId"]
+    other = s3.create_multipart_upload(Bucket="qproxy-dev", Key=okey + "-other")["UploadId"]
+
+    def open_uploads() -> set[str]:
+        listed = s3.list_multipart_uploads(Bucket="qproxy-dev", Prefix=okey)
+        return {u["UploadId"] for u in listed.get("Uploads", [])}
+
+    assert open_uploads() == {upload, other}
+    time.sleep(0.01)
+    abort_stale_multipart(quiet, now=time.time())
+    assert open_uploads() == {upload}  # the run's is kept, the one nobody sends is not
+    abort_stale_multipart(quiet, now=now + 601)  # the run's lease is over: it died
+    assert open_uploads() == set()
 
 
 def test_sweep_cli_reports(stack: Stack) -> None:
