@@ -92,6 +92,25 @@ def test_sweep_aborts_stale_multipart_uploads(stack: Stack) -> None:
     assert upload["UploadId"] not in [u["UploadId"] for u in uploads]
 
 
+def test_sweep_keeps_an_upload_younger_than_the_age(stack: Stack) -> None:
+    """QPROXY_MULTIPART_MAX_AGE counts from when S3 says the upload began (moto says the
+    same instant for every upload, long ago: the sweep is run at times relative to it)."""
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    okey = f"young/{os.urandom(4).hex()}.bin"
+    upload = s3.create_multipart_upload(Bucket="qproxy-dev", Key=okey)["UploadId"]
+    node = Stores(stack.config.replace(multipart_max_age=3600))
+    (began,) = [u.started for u in node.remote.partial_uploads() if u.upload_id == upload]
+
+    def still_open() -> bool:
+        listed = s3.list_multipart_uploads(Bucket="qproxy-dev", Prefix=okey)
+        return upload in {u["UploadId"] for u in listed.get("Uploads", [])}
+
+    assert abort_stale_multipart(node, now=began + 3599) == 0
+    assert still_open()
+    assert abort_stale_multipart(node, now=began + 3601) >= 1
+    assert not still_open()
+
+
 @pytest.mark.parametrize("versions", [1, 2])
 def test_sweep_leaves_the_upload_of_a_live_transfer_alone(stack: Stack, versions: int) -> None:
     """An upload older than QPROXY_MULTIPART_MAX_AGE that a run still sends is not aborted
