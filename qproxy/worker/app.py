@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from importlib.metadata import version
 from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.exceptions import Reject, Retry
+from celery.exceptions import CPendingDeprecationWarning, Reject, Retry
 
 from qproxy import logs, metrics
 from qproxy.compose import Stores
@@ -83,11 +84,28 @@ def harden_kombu() -> bool:
 QUIET_CELERY_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
+def quiet_cancel_warning(**_: object) -> None:
+    """Celery warns at every broker loss that its default for cancelling running jobs
+    will change, whatever the setting says; qproxy set it (make_celery). Installed once
+    Celery has set up its logging, which puts its deprecation warnings back to "always"."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"\s*In Celery 5\.1 we introduced an optional breaking change which\s+on "
+        "connection loss cancels",
+        category=CPendingDeprecationWarning,
+    )
+
+
 def make_celery(config: Config) -> Celery:
     """The Celery app with qproxy's tasks (the worker's side of the queue)."""
     app = celery_app(config)
     # No rate limits on qproxy's tasks: Celery then skips its token buckets for every job.
     app.conf.worker_disable_rate_limits = True
+    # Said outright, so Celery 6's default (True) changes nothing: a job running when the
+    # broker goes away runs on. Its lease and generation fence the copy Redis hands out
+    # again; cancelling it would throw away an upload in flight. (Celery still warns of
+    # the coming default at every broker loss: see quiet_cancel_warning.)
+    app.conf.worker_cancel_long_running_tasks_on_connection_loss = False
     app.task(name=TRANSFER, bind=True, acks_late=True, max_retries=None)(_transfer_task)
     app.task(name=DELETE, bind=True, acks_late=True, max_retries=None)(_delete_task)
     app.task(name=SWEEP)(_sweep_task)
@@ -179,7 +197,9 @@ def run_worker(config: Config, argv: list[str], *, metrics_port: int = 0) -> Non
     _stores = Stores(config)
     harden_kombu()
     app = make_celery(config)
-    from celery.signals import setup_logging
+    from celery.signals import celeryd_after_setup, setup_logging
+
+    celeryd_after_setup.connect(quiet_cancel_warning, weak=False)
 
     @setup_logging.connect(weak=False)
     def _logging(**_: object) -> None:

@@ -6,7 +6,16 @@ import signal
 import threading
 import time
 
+from qproxy.dev.devstack import Stack
 from tests.faults.helpers import Accepted, Prober, fault_stack, oracle, sizes, upload_many
+
+
+def assert_worker_said_nothing_odd(stack: Stack) -> None:
+    """The worker lost its broker and got it back, and its log says so in its own words:
+    no deprecation warning of Celery's to puzzle an operator at each loss."""
+    log = (stack.dir / "worker.log").read_text()
+    assert "Connection to broker lost" in log  # it really did lose it
+    assert "DeprecationWarning" not in log
 
 
 def test_redis_killed_twice_loses_no_accepted_upload() -> None:
@@ -33,6 +42,7 @@ def test_redis_killed_twice_loses_no_accepted_upload() -> None:
             oracle(stack, accepted, timeout=90, prober=prober)
             app_log = (stack.dir / "app.log").read_text()
             assert "stored locally but not queued yet" in app_log  # Redis really was down
+            assert_worker_said_nothing_odd(stack)
 
 
 def test_redis_stopped_during_uploads() -> None:
@@ -50,3 +60,4 @@ def test_redis_stopped_during_uploads() -> None:
             # Redis really was down for the 40: their records came from the journal replay.
             app_log = (stack.dir / "app.log").read_text()
             assert app_log.count("stored locally but not queued yet") >= 40
+            assert_worker_said_nothing_odd(stack)
