@@ -13,14 +13,44 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from qproxy.config import Config
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FIELDS = ("key", "node", "gen", "attempt", "duration_ms", "size", "state", "error")
+
+
+class Throttled:
+    """A warning said at most once every ``every`` seconds, the next saying how many were
+    held back: an outage (Redis away) is a line every few seconds, not one a request."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.every = every
+        self.clock = clock
+        self._next = -math.inf
+        self._held = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self.clock()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            message += " (%d more like it in the last %.0f s)"
+            args = (*args, self._held, self.every)
+        self._next, self._held = now + self.every, 0
+        self.logger.warning(message, *args)
 
 
 class JsonLines(logging.Formatter):

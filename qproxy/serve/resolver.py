@@ -168,6 +168,7 @@ class Resolver:
             {} if config.record_cache else None
         )
         self._s3_down_until = 0.0
+        self._redis_warning = logs.Throttled(log)  # (a line every 10 s while Redis is away)
         self.redirect_max_age = config.redirect_max_age
         self.inline_types = config.inline
         self.private_globs = config.private_globs
@@ -333,7 +334,9 @@ class Resolver:
         try:
             record = await self.reader.get(key)
         except StateUnavailable as exc:
-            log.warning("resolver: Redis unavailable (%s); falling back to disk, then S3", exc)
+            self._redis_warning.warning(
+                "resolver: Redis unavailable (%s); falling back to disk, then S3", exc
+            )
             private = is_private(key, None, self.private_globs)
             if private and not signed:
                 return FORBIDDEN, None
@@ -493,7 +496,9 @@ class Resolver:
             peer = await self.tus_peer(asked)
         except StateUnavailable as exc:
             # Not a 404 (the client would start again from zero): nginx answers 503.
-            log.warning("resolver: Redis unavailable (%s); tus request not routed", exc)
+            self._redis_warning.warning(
+                "resolver: Redis unavailable (%s); tus request not routed", exc
+            )
             await _send(send, 503, [(b"content-length", b"0")], b"")
             return
         headers: render.RawHeaders = [(b"content-length", b"0"), (b"cache-control", b"no-store")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from qproxy import logs
 from qproxy.compose import Stores
 from qproxy.dev.devstack import Stack, free_port
 from qproxy.headers import signed_query
@@ -76,6 +78,40 @@ def test_redis_down_serves_local_files_then_s3(stack: Stack, quiet_node: Stores)
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["degraded"] == ["redis"]
+
+
+def test_redis_down_is_a_log_line_every_few_seconds_not_one_a_request(
+    stack: Stack, quiet_node: Stores
+) -> None:
+    key = put_local(quiet_node, b"on disk")
+    name = f"resolver-{free_port()}"
+    env = {"QPROXY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    with serving(stack, name, RESOLVER, "/metrics", env) as url:
+        started = time.monotonic()
+        for _ in range(40):
+            assert httpx.get(f"{url}/resolve/{key}").status_code == 200
+        took = time.monotonic() - started
+        log = stack.services[name].log_path.read_text()
+    said = log.count("resolver: Redis unavailable")
+    assert 1 <= said <= 1 + took // 10, log[-2000:]  # a line at most every 10 s
+
+
+def test_a_throttled_warning_says_how_many_it_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    warn = logs.Throttled(logging.getLogger("qproxy.test"), every=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="qproxy.test"):
+        for _ in range(5):
+            warn.warning("Redis away (%s)", "refused")
+            now[0] += 1
+        now[0] = 110.0
+        warn.warning("Redis away (%s)", "refused")
+        warn.warning("Redis away (%s)", "refused")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Redis away (refused)",
+        "Redis away (refused) (4 more like it in the last 10 s)",
+    ]
 
 
 def test_blob_urls_are_signed_and_expire(stack: Stack, quiet_node: Stores) -> None:
