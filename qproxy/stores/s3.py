@@ -75,7 +75,7 @@ class PartialUpload:
     object_key: str
     upload_id: str
     started: float
-    name: str = ""  # the object's name without the prefix (what FileRecord.object is)
+    name: str  # the object's name without the prefix (what FileRecord.object is)
 
 
 def make_client(config: Config, *, timeout: float | None = None) -> S3Client:
