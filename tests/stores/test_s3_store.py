@@ -1,12 +1,15 @@
-"""Deleting an object takes its open uploads with it (moto's S3 server, the session stack)."""
+"""The S3 store against moto's S3 server (the session stack): deletes take their open
+uploads with them; small files go in one request."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 
 import boto3
+import pytest
 
 from qproxy.dev.devstack import Stack
 from qproxy.stores.s3 import RemoteStore
@@ -64,3 +67,23 @@ def test_a_multipart_upload_aborts_what_a_dead_run_left_of_the_same_object(stack
     body = client.get_object(Bucket=bucket, Key=remote.object_key(name))["Body"].read()
     assert body == data
     remote.delete(other)
+
+
+def test_a_small_file_is_sent_without_waiting_for_100_continue(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore sends every PutObject with "Expect: 100-continue" and waits for the
+    server's go-ahead before the body: against S3, one round trip more for every small
+    file. A single PUT sends its bytes at once (and they arrive whole)."""
+    remote = RemoteStore(stack.config)
+    name = f"small/{os.urandom(4).hex()}.bin"
+    data = os.urandom(64 * 1024)
+    sha = hashlib.sha256(data).hexdigest()
+    with caplog.at_level(logging.DEBUG, logger="botocore.awsrequest"):
+        remote.store(name, io.BytesIO(data), size=len(data), sha256=sha, content_type="a/b")
+    sent = [r.getMessage() for r in caplog.records if r.name == "botocore.awsrequest"]
+    assert not [m for m in sent if "100 Continue" in m], sent
+    client = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
+    bucket = stack.config.s3_bucket
+    assert client.get_object(Bucket=bucket, Key=remote.object_key(name))["Body"].read() == data
+    remote.delete(name)
