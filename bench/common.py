@@ -265,7 +265,8 @@ class Bench:
 
     def curl_time(self, url: str, path: Path, *, raw: bool = False) -> float:
         """Seconds one multipart upload of ``path`` takes, as the client sees it."""
-        argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"]
+        answer = self.tmp / f"answer-{os.getpid()}"
+        argv = ["curl", "-s", "-o", str(answer), "-w", "%{http_code} %{time_total}"]
         body = ["-T", str(path)] if raw else ["-F", f"file=@{path}"]
         out = subprocess.run(
             [*argv, *body, url],
@@ -274,7 +275,9 @@ class Bench:
             check=True,
             timeout=600,
         ).stdout.split()
-        assert out[0] in ("200", "201"), out
+        # Which server failed, and what it said: a failed row names them.
+        said = answer.read_bytes()[:300].decode(errors="replace")
+        assert out[0] in ("200", "201"), f"{url} answered {out[0]} in {out[1]} s: {said!r}"
         return float(out[1])
 
     def wrk(self, url: str, seconds: int) -> dict[str, float]:

@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 error = f"{type(exc).__name__}: {exc}"[:500]
                 print(f"  {name}: FAILED: {error}", flush=True)
                 b.failed.append({"row": name, "error": error})
+                kept = keep_logs(b, Path(args.out) / "failed" / name)
+                print(f"  its servers' logs: {kept}", flush=True)
                 for left in set(b.stack.services) - extra:  # its servers, still running
                     b.stop(left)
             # Written after every row: a run that dies keeps what it measured.
@@ -96,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         write_results(b, started, args.out)
     subprocess.run(["rm", "-rf", str(b.tmp)], check=False)
     return 1 if b.failed else 0
+
+
+def keep_logs(b: Bench, folder: Path) -> Path:
+    """The stack's logs as they are now (every server's, those a row started too), copied
+    to ``folder``: a row that failed is explained there, not in a folder removed at the end."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if b.stack.base is not None:
+        for log in b.stack.base.glob("*.log"):
+            shutil.copy(log, folder / log.name)
+    return folder
 
 
 def _injected(b: Bench) -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,10 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         }
     ]
     assert "**failed**: RuntimeError" in (tmp_path / "latest.md").read_text()
+    # Its servers' logs are kept where the results are (the stack's folder is removed).
+    kept = tmp_path / "failed" / "injected-failure"
+    assert {"worker.log", "resolver.log", "s3.log"} <= {p.name for p in kept.iterdir()}
+    assert f"its servers' logs: {kept}" in result.stdout
     names = [row["name"] for row in data["rows"]]
     for prefix in (
         "upload",
@@ -94,3 +99,34 @@ def test_bench_compares_rows_with_another_revision(tmp_path: Path) -> None:
     assert rows, table
     data = json.loads((tmp_path / "compare.json").read_text())
     assert data["this"] and data["HEAD"]
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl is needed")
+def test_a_failed_upload_names_the_server_and_what_it_said(tmp_path: Path) -> None:
+    """A row whose upload is refused says which server refused it and its answer (a run
+    once failed with only "['500', '0.397374']")."""
+    from bench.common import Bench
+    from qproxy.dev.devstack import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            if subprocess.run(["curl", "-s", "-o", "/dev/null", url]).returncode == 0:
+                break
+            time.sleep(0.05)
+        payload = tmp_path / "f.bin"
+        payload.write_bytes(b"x" * 1000)
+        b = Bench(quick=True, rounds=1)  # its stack is not started: curl only
+        with pytest.raises(AssertionError, match=rf"{url}/upload answered 501 in .* s: .*POST"):
+            b.curl_time(url + "/upload", payload)
+        shutil.rmtree(b.tmp)
+    finally:
+        server.kill()
+        server.wait()
