@@ -136,7 +136,7 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **options)
     parsed = parse_sentinel(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed in redis 8.2
         list(parsed.sentinels),
         sentinel_kwargs={
             "socket_timeout": 1,
@@ -145,7 +145,7 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
         },
         **{k: v for k, v in options.items() if k != "health_check_interval"},
     )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         parsed.master,
         db=parsed.db,
         username=parsed.username,
