@@ -118,6 +118,13 @@ def reuse_kombu_clients() -> bool:
     return True
 
 
+def prepare_kombu() -> None:
+    """What a worker process changes in kombu before Celery starts (web nodes, which run
+    inside the user's app, change nothing): the reconnect guard and one client a channel."""
+    harden_kombu()
+    reuse_kombu_clients()
+
+
 # Celery's own line for each job taken and each done ("Task ... received", "... succeeded
 # in"): qproxy's transfer line says more (key, size, attempt, state), once a file, and the
 # two cost ~3% of a small file's worker CPU (make bench). Warnings and errors still show.
@@ -235,8 +242,7 @@ def run_worker(config: Config, argv: list[str], *, metrics_port: int = 0) -> Non
 
         start_http_server(metrics_port, registry=metrics.registry())
     _stores = Stores(config)
-    harden_kombu()
-    reuse_kombu_clients()
+    prepare_kombu()
     app = make_celery(config)
     from celery.signals import celeryd_after_setup, setup_logging
 
@@ -266,7 +272,6 @@ def run_worker(config: Config, argv: list[str], *, metrics_port: int = 0) -> Non
 def __getattr__(name: str) -> Any:
     # ``celery -A qproxy.worker.app worker`` looks for ``app``; build it from the environment.
     if name in ("app", "celery"):
-        harden_kombu()
-        reuse_kombu_clients()
+        prepare_kombu()
         return make_celery(Config.from_env())
     raise AttributeError(name)
