@@ -8,6 +8,7 @@ bench/results/latest.json and latest.md, charts to bench/results/*.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, Bench
+from bench.common import RESULTS, Bench, Row
 from bench.report import redraw, write_results
 from bench.resolver import peer_serve_row, resolve_rows
 from bench.servers import servers_row
@@ -64,12 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the rows on git revision REV (a worktree of it), row by row in turn "
         "with this tree's, and print them side by side (compare.md in --out)",
     )
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --compare: run each row N times on each tree, the order turned each time "
+        "(this, REV, REV, this, ...), so a machine that speeds up or slows down during the "
+        "run favours neither; the rounds of every turn are pooled (default: 2)",
+    )
     args = parser.parse_args(argv)
     if args.redraw:
         redraw(args.out)
         return 0
     if args.compare:
-        return compare(args.compare, args.only or list(ROWS), args.out, quick=args.quick)
+        if args.turns < 1:
+            parser.error("--turns must be 1 or more")
+        names = args.only or list(ROWS)
+        return compare(args.compare, names, args.out, quick=args.quick, turns=args.turns)
     rounds = 1 if args.quick else args.rounds
     started = time.monotonic()
     for name, value in AWS_TEST_ENV.items():  # moto's throwaway credentials
@@ -115,9 +128,30 @@ def _injected(b: Bench) -> None:
     raise RuntimeError("a row that fails on purpose (BENCH_INJECT_FAILURE)")
 
 
-def compare(rev: str, names: list[str], out: Path, *, quick: bool) -> int:
+def pool(into: dict[str, Any], row: dict[str, Any]) -> None:
+    """``row``'s rounds added to ``into`` (the same row from an earlier turn): its medians,
+    spreads and ratio then say all the turns."""
+    pooled = Row(
+        **{f.name: into[f.name] for f in dataclasses.fields(Row) if f.name not in ("cand", "base")},
+        cand=[*into["cand"], *row["cand"]],
+        base=[*into["base"], *row["base"]],
+    )
+    into.update(pooled.as_dict())
+    into["turns"] = into.get("turns", 1) + 1
+
+
+def turn_order(rev: str, turns: int) -> list[str]:
+    """Which tree runs a row when: this, REV, then REV, this, ... (drift cancels out)."""
+    order = []
+    for turn in range(turns):
+        pair = ["this", rev]
+        order += pair if turn % 2 == 0 else pair[::-1]
+    return order
+
+
+def compare(rev: str, names: list[str], out: Path, *, quick: bool, turns: int = 2) -> int:
     """Each row on this tree and on ``rev``, one after the other, a row at a time (so both
-    see the machine in the same state), side by side."""
+    see the machine in the same state), ``turns`` times in turned order, side by side."""
     root = Path(__file__).resolve().parent.parent
     work = Path(tempfile.mkdtemp(prefix="qproxy-bench-compare-"))
     other = work / "tree"
@@ -128,16 +162,21 @@ def compare(rev: str, names: list[str], out: Path, *, quick: bool) -> int:
     )
     results: dict[str, dict[str, dict[str, Any]]] = {"this": {}, rev: {}}
     try:
+        trees = {"this": root, rev: other}
         for name in names:
-            for label, tree in (("this", root), (rev, other)):
-                where = work / label.replace("/", "_") / name
+            for turn, label in enumerate(turn_order(rev, turns)):
+                tree = trees[label]
+                where = work / label.replace("/", "_") / name / str(turn)
                 argv = [sys.executable, "-m", "bench", "--only", name, "--out", str(where)]
                 print(f"[{name}] on {label}", flush=True)
                 subprocess.run([*argv, *(["--quick"] if quick else [])], cwd=tree, check=False)
                 found = where / "latest.json"
                 if found.exists():
                     for row in json.loads(found.read_text())["rows"]:
-                        results[label][row["name"]] = row
+                        if row["name"] in results[label]:
+                            pool(results[label][row["name"]], row)
+                        else:
+                            results[label][row["name"]] = row
     finally:
         subprocess.run(
             ["git", "-C", str(root), "worktree", "remove", "--force", str(other)],
@@ -145,7 +184,8 @@ def compare(rev: str, names: list[str], out: Path, *, quick: bool) -> int:
             capture_output=True,
         )
     lines = [
-        f"Each row on this tree and on {rev}, in turn, in one run.",
+        f"Each row on this tree and on {rev}, in turn, in one run"
+        + (f" ({turns} turns each, in turned order, their rounds pooled)." if turns > 1 else "."),
         "",
         f"| what | ratio here | ratio on {rev} | candidate here | candidate on {rev} | change |",
         "|---|---|---|---|---|---|",

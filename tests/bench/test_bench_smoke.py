@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -99,6 +100,29 @@ def test_bench_compares_rows_with_another_revision(tmp_path: Path) -> None:
     assert rows, table
     data = json.loads((tmp_path / "compare.json").read_text())
     assert data["this"] and data["HEAD"]
+    # Two turns by default (this, HEAD, HEAD, this): each row's rounds from both, pooled.
+    assert "(2 turns each, in turned order, their rounds pooled)" in table
+    for tree in ("this", "HEAD"):
+        for row in data[tree].values():
+            assert row["turns"] == 2 and len(row["cand"]) == 2, row
+            if row["baseline"] == "-":  # (the state rows measure no baseline)
+                assert row["base"] == [] and row["ratio"] is None, row
+                continue
+            assert len(row["base"]) == 2, row
+            assert row["ratio"] == statistics.median(row["cand"]) / statistics.median(row["base"])
+
+
+def test_compare_turns_the_order_so_drift_favours_neither_tree() -> None:
+    from bench.run import turn_order
+
+    assert turn_order("HEAD", 1) == ["this", "HEAD"]
+    assert turn_order("HEAD", 2) == ["this", "HEAD", "HEAD", "this"]
+    assert turn_order("HEAD", 3) == ["this", "HEAD", "HEAD", "this", "this", "HEAD"]
+
+
+def test_compare_refuses_no_turns() -> None:
+    result = _bench("--compare", "HEAD", "--turns", "0", timeout=60)
+    assert result.returncode == 2 and "--turns must be 1 or more" in result.stderr
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="curl is needed")
@@ -130,3 +154,19 @@ def test_a_failed_upload_names_the_server_and_what_it_said(tmp_path: Path) -> No
     finally:
         server.kill()
         server.wait()
+
+
+def test_compare_pools_the_rounds_of_every_turn() -> None:
+    from bench.common import Row
+    from bench.run import pool
+
+    def row(cand: list[float], base: list[float]) -> dict[str, object]:
+        return Row("r", "MiB/s", "c", "b", cand=cand, base=base, target_ratio=0.9).as_dict()
+
+    first = row([1.0, 2.0], [2.0, 2.0])
+    assert first["ratio"] == 0.75 and first["met"] is False
+    pool(first, row([3.0], [4.0]))
+    pool(first, row([5.0], [2.0]))
+    assert first["cand"] == [1.0, 2.0, 3.0, 5.0] and first["base"] == [2.0, 2.0, 4.0, 2.0]
+    assert first["ratio"] == 2.5 / 2.0 and first["met"] is True
+    assert first["cand_spread"] == [1.0, 5.0] and first["turns"] == 3
