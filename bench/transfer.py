@@ -76,10 +76,10 @@ def transfer_row(b: Bench) -> None:
                 temp.write(chunk)
         temp.close()
         key = "bench/t-" + os.urandom(6).hex() + ".bin"
+        others = on_the_way(node.state)
         started = time.monotonic()
         commit(node, temp, key, {"filename": "t.bin", "content_type": "application/octet-stream"})
-        while (rec := node.state.get(key)) is None or rec.state != "remote":
-            time.sleep(0.02)
+        wait_remote(node.state, [key], others=others)  # (raises if it failed: no endless wait)
         rate = size / MiB / (time.monotonic() - started)
         s3.delete_object(Bucket="qproxy-dev", Key=key)
         node.local.remove(key)
