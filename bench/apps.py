@@ -199,6 +199,34 @@ def asgi_starlette() -> Any:
     return Starlette(routes=[Route("/upload", _starlette_parse, methods=["POST"])])
 
 
+async def _asgi_durable_copy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """:func:`wsgi_durable_copy` for ASGI: the raw body as the server hands it over, written
+    to a file and fsynced (no parsing, no hash), then thrown away."""
+    if scope["type"] != "http":
+        return
+    os.makedirs(SINK, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=SINK)
+    try:
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            os.write(fd, message.get("body", b""))
+            more = message.get("more_body", False)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 201, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def asgi_durable_copy() -> Any:
+    return _asgi_durable_copy
+
+
 async def _bare_resolve(request: Request) -> Response:
     # What the resolver answers for a local file, without looking anything up.
     key = request.path_params["key"]

@@ -188,6 +188,22 @@ def upload_rows(b: Bench) -> None:
             rounds=rounds,
         )
         against_nginx("ASGI, uvicorn", acand)
+        # What any ASGI app that keeps the upload safely pays on this server: uvicorn copies
+        # each body chunk twice before the app sees it (a bytearray, then bytes of it).
+        floor = b.uvicorn("asgi-durable", "bench.apps:asgi_durable_copy")
+        b.alternate(
+            Row(
+                f"upload {size // MiB} MiB, ASGI (uvicorn) vs a durable copy",
+                "MiB/s",
+                "qproxy middleware",
+                "the raw body written + fsynced, same server",
+                target="information (no target)",
+            ),
+            acand,
+            lambda: b.curl_upload(floor + "/upload", path),
+            rounds=rounds,
+        )
+        b.stop("asgi-durable")
         b.stop("asgi-qproxy")
         b.stop("asgi-starlette")
 

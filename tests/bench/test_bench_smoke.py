@@ -64,6 +64,7 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         "transfer 40 files",
         "state",
         "ingest",
+        "upload 8 MiB, ASGI (uvicorn) vs a durable copy",
         "server: upload",
         "server: the resolver",
         "worker CPU per 1 MiB file",

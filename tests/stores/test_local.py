@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import random
 import threading
 import time
 import tracemalloc
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qproxy.errors import UnsafePath
-from qproxy.stores.local import HASH_THREAD_FROM, LocalStore, TempFile
+from qproxy.stores.local import HASH_PIECE, HASH_THREAD_FROM, LocalStore, TempFile
 
 
 def test_hash_of_a_large_file_written_from_a_reused_buffer(tmp_path: Path) -> None:
@@ -30,6 +31,25 @@ def test_hash_of_a_large_file_written_from_a_reused_buffer(tmp_path: Path) -> No
         expected.update(chunk)
     temp.close()
     assert temp.size == (tmp_path / "t").stat().st_size
+    assert temp.sha256 == expected.hexdigest()
+    assert hashlib.sha256((tmp_path / "t").read_bytes()).hexdigest() == expected.hexdigest()
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_hash_of_writes_of_every_size_across_the_hash_pieces(tmp_path: Path, kind: type) -> None:
+    """The hash thread takes big writes in pieces of HASH_PIECE bytes: writes smaller than a
+    piece, larger than several, and ending on its edges all count once, in order."""
+    rng = random.Random(1)
+    sizes = [1, HASH_PIECE - 1, 1, HASH_PIECE, 3 * HASH_PIECE + 7, 0, 5]
+    sizes += [rng.randrange(1, 2 * HASH_PIECE) for _ in range(20)] + [HASH_PIECE // 2] * 4
+    temp = TempFile(tmp_path / "t")
+    expected = hashlib.sha256()
+    for size in sizes:
+        chunk = rng.randbytes(size)
+        temp.write(kind(chunk))
+        expected.update(chunk)
+    temp.close()
+    assert temp.size == sum(sizes) == (tmp_path / "t").stat().st_size
     assert temp.sha256 == expected.hexdigest()
     assert hashlib.sha256((tmp_path / "t").read_bytes()).hexdigest() == expected.hexdigest()
 
