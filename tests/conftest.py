@@ -225,6 +225,12 @@ class NoQueue:
         pass
 
 
+@pytest.fixture
+def quiet_node(stack: Stack) -> Stores:
+    """A node on the session stack that queues no jobs: the test drives ``transfer`` itself."""
+    return Stores(stack.config, queue=NoQueue())
+
+
 def put_local(node: Stores, data: bytes, key: str | None = None, *, replace: bool = False) -> str:
     key = key or generate_key("f.bin")
     fields = {"filename": "f.bin", "content_type": "application/octet-stream"}

@@ -24,11 +24,6 @@ from qproxy.worker.transfer import transfer
 from tests.conftest import RESOLVER, NoQueue, lone_node, other_node, put_local, serving
 
 
-@pytest.fixture
-def quiet_node(stack: Stack) -> Stores:
-    return Stores(stack.config, queue=NoQueue())
-
-
 def client_for(stack: Stack, **env: str) -> Iterator[httpx.Client]:
     """A real resolver process (uvicorn) on the stack, with some settings changed."""
     with (

@@ -25,11 +25,6 @@ from tests.conftest import NoQueue, _stack, lone_node, put_local
 from tests.hooks import CALLS
 
 
-@pytest.fixture
-def quiet_node(stack: Stack) -> Stores:
-    return Stores(stack.config, queue=NoQueue())
-
-
 def s3_sha(stack: Stack, key: str) -> str:
     s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1")
     return hashlib.sha256(s3.get_object(Bucket="qproxy-dev", Key=key)["Body"].read()).hexdigest()
